@@ -1,0 +1,96 @@
+"""Pretraining heads and objective: masked-LM (tied decoder, masked positions only) and NSP.
+
+The MLM head gathers the `max_predictions_per_seq` masked positions before its transform and vocabulary
+projection, as google-research/bert does, so it never computes logits for every token. The decoder
+reuses the word-embedding table (padded to a multiple of 128) with its own bias; logits of the padded
+vocabulary entries are pushed to the float32 minimum, so they never win an argmax or take probability.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from pretrain import sharding
+from pretrain.layers import BertConfig, Dense, LayerNorm, activation, param
+
+
+class MLMHead(nnx.Module):
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.transform = Dense(h, h, ("embed", "mlp"), config, rngs=rngs)
+    self.layer_norm = LayerNorm(h, config, rngs=rngs)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (config.padded_vocab_size,), ("vocab",),
+                      config)
+    self.activation = activation(config.hidden_act)
+    self.vocab_size = config.vocab_size
+    self.dtype = config.compute_dtype
+
+  def __call__(self, sequence_output, positions, word_embeddings):
+    """(batch, seq, hidden), (batch, predictions), (vocab, hidden) -> float32 logits."""
+    x = jnp.take_along_axis(sequence_output, positions[..., None].astype(jnp.int32), axis=1)
+    x = self.layer_norm(self.activation(self.transform(x)))
+    logits = jnp.einsum("bph,vh->bpv", x, word_embeddings.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = logits + self.bias[...]
+    logits = sharding.constrain(logits, ("batch", None, "act_mlp"))
+    real = jnp.arange(logits.shape[-1]) < self.vocab_size
+    return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+
+
+class NSPHead(nnx.Module):
+  """Is-next / not-next from the pooled [CLS] output (label 0 = B follows A, as in BERT)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.dense = Dense(config.hidden_size, 2, ("embed", None), config, rngs=rngs)
+
+  def __call__(self, pooled):
+    return self.dense(pooled).astype(jnp.float32)
+
+
+class LossSums(NamedTuple):
+  """Per-batch sums, so micro-batches and hosts add up exactly before normalising."""
+  mlm_nll: jax.Array        # sum over masked positions of -log p(original token) x weight
+  mlm_correct: jax.Array    # weighted count of masked positions predicted right
+  mlm_weight: jax.Array     # number of (real) masked positions
+  nsp_nll: jax.Array
+  nsp_correct: jax.Array
+  num_sequences: jax.Array
+
+
+def loss_sums(mlm_logits, nsp_logits, batch) -> LossSums:
+  weights = batch["masked_lm_weights"].astype(jnp.float32)
+  mlm_logp = jax.nn.log_softmax(mlm_logits, axis=-1)
+  mlm_target = batch["masked_lm_ids"].astype(jnp.int32)
+  mlm_nll = -jnp.take_along_axis(mlm_logp, mlm_target[..., None], axis=-1)[..., 0]
+  mlm_hit = (jnp.argmax(mlm_logits, -1) == mlm_target).astype(jnp.float32)
+  nsp_logp = jax.nn.log_softmax(nsp_logits, axis=-1)
+  nsp_target = batch["next_sentence_labels"].astype(jnp.int32).reshape(-1)
+  nsp_nll = -jnp.take_along_axis(nsp_logp, nsp_target[:, None], axis=-1)[:, 0]
+  nsp_hit = (jnp.argmax(nsp_logits, -1) == nsp_target).astype(jnp.float32)
+  return LossSums(
+      mlm_nll=(mlm_nll * weights).sum(), mlm_correct=(mlm_hit * weights).sum(),
+      mlm_weight=weights.sum(), nsp_nll=nsp_nll.sum(), nsp_correct=nsp_hit.sum(),
+      num_sequences=jnp.asarray(nsp_target.shape[0], jnp.float32))
+
+
+def total_loss(sums: LossSums, mlm_weight_total, num_sequences_total) -> jax.Array:
+  """BERT's objective: mean MLM loss over masked positions + mean NSP loss over sequences.
+
+  The denominators are the totals of the whole (global) batch, passed in separately, so that the
+  gradient of a sum over micro-batches equals the gradient on the full batch exactly.
+  """
+  return (sums.mlm_nll / jnp.maximum(mlm_weight_total, 1.0)
+          + sums.nsp_nll / jnp.maximum(num_sequences_total, 1.0))
+
+
+def summarize(sums: LossSums) -> dict[str, jax.Array]:
+  w = jnp.maximum(sums.mlm_weight, 1.0)
+  n = jnp.maximum(sums.num_sequences, 1.0)
+  mlm_loss, nsp_loss = sums.mlm_nll / w, sums.nsp_nll / n
+  return dict(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, mlm_accuracy=sums.mlm_correct / w,
+              nsp_loss=nsp_loss, nsp_accuracy=sums.nsp_correct / n)

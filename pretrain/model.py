@@ -1,0 +1,151 @@
+"""BERT (Devlin et al., 2019) in Flax NNX: embeddings, post-LN encoder, pooler.
+
+Faithful to google-research/bert: word + position + token-type embeddings, LayerNorm(eps=1e-12),
+dropout, post-LN layers, GELU, tanh pooler on [CLS]. Parameters are float32 and carry logical axis
+names (metadata `axes`, read by `pretrain.sharding`); matmuls and activations run in `dtype`
+(bfloat16 by default), LayerNorm statistics and softmax in float32. The module knows nothing of meshes.
+
+Dropout is functional: `__call__` takes a PRNG key (None = deterministic), so the jitted train step
+stays a pure function of (params, batch, key).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from pretrain import sharding
+from pretrain.heads import MLMHead, NSPHead
+from pretrain.layers import (BertConfig, Dense, LayerNorm, activation, dropout, normal_init,
+                             param, split_key)
+
+
+class Embeddings(nnx.Module):
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    init, h = normal_init(config), config.hidden_size
+    self.word_embeddings = param(rngs, init, (config.padded_vocab_size, h), ("vocab", "embed"),
+                                 config)
+    self.position_embeddings = param(rngs, init, (config.max_position_embeddings, h),
+                                     ("position", "embed"), config)
+    self.token_type_embeddings = param(rngs, init, (config.type_vocab_size, h),
+                                       ("position", "embed"), config)
+    self.layer_norm = LayerNorm(h, config, rngs=rngs)
+    self.dropout_rate = config.hidden_dropout
+
+  def __call__(self, input_ids, segment_ids, key):
+    seq_len = input_ids.shape[1]
+    x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+    x = x + self.position_embeddings[...][None, :seq_len]
+    x = x + jnp.take(self.token_type_embeddings[...], segment_ids, axis=0)
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    return dropout(self.layer_norm(x), self.dropout_rate, key)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with one fused QKV projection."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h, n, d = config.hidden_size, config.num_heads, config.head_dim
+    init = normal_init(config)
+    zeros = jax.nn.initializers.zeros
+    self.qkv_kernel = param(rngs, init, (h, 3, n, d), ("embed", "qkv", "heads", "kv"), config)
+    self.qkv_bias = param(rngs, zeros, (3, n, d), ("qkv", "heads", "kv"), config)
+    self.out_kernel = param(rngs, init, (n, d, h), ("heads", "kv", "embed"), config)
+    self.out_bias = param(rngs, zeros, (h,), ("norm",), config)
+    self.dtype = config.compute_dtype
+    self.dropout_rate = config.attention_dropout
+    self.impl = None if config.attention_impl == "auto" else config.attention_impl
+
+  def __call__(self, x, lengths, key):
+    dt = self.dtype
+    qkv = jnp.einsum("bsh,hcnd->cbsnd", x, self.qkv_kernel[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    q, k, v = (sharding.constrain(t, ("batch", "seq", "act_heads", "act_kv")) for t in qkv)
+    if key is not None and self.dropout_rate > 0.0:
+      ctx = self._attention_with_dropout(q, k, v, lengths, key)
+    else:
+      ctx = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                         implementation=self.impl)
+    out = jnp.einsum("bsnd,ndh->bsh", ctx, self.out_kernel[...].astype(dt))
+    return out + self.out_bias[...].astype(dt)
+
+  def _attention_with_dropout(self, q, k, v, lengths, key):
+    """Attention-probability dropout, which `jax.nn.dot_product_attention` does not offer."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]            # (batch, key)
+    logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, key)
+    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
+
+
+class EncoderLayer(nnx.Module):
+  """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h, m = config.hidden_size, config.intermediate_size
+    self.attention = SelfAttention(config, rngs=rngs)
+    self.attention_layer_norm = LayerNorm(h, config, rngs=rngs)
+    self.intermediate = Dense(h, m, ("embed", "mlp"), config, rngs=rngs)
+    self.output = Dense(m, h, ("mlp", "embed"), config, rngs=rngs)
+    self.output_layer_norm = LayerNorm(h, config, rngs=rngs)
+    self.activation = activation(config.hidden_act)
+    self.dropout_rate = config.hidden_dropout
+
+  def __call__(self, x, lengths, key):
+    attn_key, attn_out_key, ffn_key = split_key(key, 3)
+    a = dropout(self.attention(x, lengths, attn_key), self.dropout_rate, attn_out_key)
+    x = self.attention_layer_norm(x + a)
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    f = self.activation(self.intermediate(x))
+    f = sharding.constrain(f, ("batch", "seq", "act_mlp"))
+    f = dropout(self.output(f), self.dropout_rate, ffn_key)
+    x = self.output_layer_norm(x + f)
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+
+class BertModel(nnx.Module):
+  """Embeddings -> encoder layers -> (sequence output, pooled [CLS] output)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.embeddings = Embeddings(config, rngs=rngs)
+    self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.pooler = Dense(config.hidden_size, config.hidden_size, ("embed", "mlp"), config,
+                        rngs=rngs)
+
+  def __call__(self, input_ids, input_mask, segment_ids, key=None):
+    """`input_mask` is 1 on real tokens, 0 on trailing padding (google-research/bert layout)."""
+    lengths = input_mask.astype(jnp.int32).sum(-1)
+    keys = split_key(key, len(self.layers) + 1)
+    x = self.embeddings(input_ids, segment_ids, keys[0])
+    for layer, layer_key in zip(self.layers, keys[1:]):
+      x = layer(x, lengths, layer_key)
+    pooled = jnp.tanh(self.pooler(x[:, 0]))
+    return x, pooled
+
+
+class PretrainOutput(NamedTuple):
+  sequence_output: jax.Array   # (batch, seq, hidden), compute dtype
+  pooled_output: jax.Array     # (batch, hidden)
+  mlm_logits: jax.Array        # (batch, max_predictions, padded_vocab), float32
+  nsp_logits: jax.Array        # (batch, 2), float32
+
+
+class BertForPreTraining(nnx.Module):
+  """BERT with the masked-LM head (tied to the word embeddings) and the next-sentence head."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.bert = BertModel(config, rngs=rngs)
+    self.mlm = MLMHead(config, rngs=rngs)
+    self.nsp = NSPHead(config, rngs=rngs)
+
+  def __call__(self, batch: dict[str, jax.Array], key: jax.Array | None = None) -> PretrainOutput:
+    seq, pooled = self.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"], key)
+    mlm_logits = self.mlm(seq, batch["masked_lm_positions"],
+                          self.bert.embeddings.word_embeddings[...])
+    return PretrainOutput(seq, pooled, mlm_logits, self.nsp(pooled))
