@@ -10,7 +10,6 @@ import math
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -62,11 +61,10 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     raise ValueError(
         f"mesh.shape={shape} needs {math.prod(shape)} devices but {len(devices)} are available; "
         f"use a shape whose product is {len(devices)}, or -1 for one axis")
-  device_array = np.asarray(devices).reshape(shape)
-  if len(devices) == jax.device_count() and devices == jax.devices():
-    # Let JAX order the devices for the physical topology (ICI rings on TPU).
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  # jax.make_mesh orders the devices for the physical topology (ICI rings on TPU). Auto axes: the
+  # compiler propagates shardings between our explicit constraints (GSPMD), as pjit always did.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -1,0 +1,66 @@
+"""Optimizers for pretraining: AdamW or LAMB with BERT's weight-decay mask, clipping, warmup + decay.
+
+Gradient accumulation lives in the train step (see `train.py`), where it can normalise by the whole
+batch's masked-token count and so match one large batch exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+# google-research/bert: exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"].
+_NO_DECAY_LEAVES = ("bias",)
+_NO_DECAY_MODULES = ("layer_norm",)
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies: every parameter except biases and LayerNorm scales/biases."""
+
+  def decays(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    leaf_name, module_names = names[-1], names[:-1]
+    if any(leaf_name.endswith(n) for n in _NO_DECAY_LEAVES):
+      return False
+    return not any(m in name for name in module_names for m in _NO_DECAY_MODULES)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(optim: Mapping[str, Any], num_train_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak over `warmup_steps`, then linear or polynomial decay that
+  reaches `end_learning_rate` at `num_train_steps`."""
+  peak, end = optim["peak_learning_rate"], optim["end_learning_rate"]
+  warmup = int(optim["warmup_steps"])
+  if not 0 <= warmup <= num_train_steps:
+    raise ValueError(f"optim.warmup_steps={warmup} must lie in [0, train.num_train_steps="
+                     f"{num_train_steps}]")
+  if optim["decay"] == "linear":
+    power = 1.0
+  elif optim["decay"] == "polynomial":
+    power = float(optim["decay_power"])
+  else:
+    raise ValueError(f"optim.decay={optim['decay']!r}; choose 'linear' or 'polynomial'")
+  decay = optax.polynomial_schedule(peak, end, power, max(num_train_steps - warmup, 1))
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(optim: Mapping[str, Any], num_train_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim, num_train_steps)
+  common = dict(learning_rate=schedule, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
+                weight_decay=optim["weight_decay"], mask=decay_mask)
+  if optim["name"] == "adamw":
+    tx = optax.adamw(**common)
+  elif optim["name"] == "lamb":
+    tx = optax.lamb(**common)
+  else:
+    raise ValueError(f"optim.name={optim['name']!r}; choose 'adamw' or 'lamb'")
+  if optim["max_grad_norm"] > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim["max_grad_norm"]), tx)
+  return tx, schedule

@@ -1,0 +1,35 @@
+"""Small configs and helpers shared by the tests."""
+
+import jax
+import numpy as np
+
+from configs.pretrain import get_config
+
+
+def tiny_config(**overrides):
+  """A BERT small enough for 2 CPU cores, float32 and without dropout unless asked otherwise.
+
+  Every size divides the 8 test devices along any mesh axis: hidden 32, 4 heads, vocab 256.
+  `overrides` are dotted keys, e.g. tiny_config(**{"train.grad_accum_steps": 2}).
+  """
+  config = get_config("demo")
+  config.model.update(vocab_size=250, hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64, max_position_embeddings=32, dtype="float32",
+                      hidden_dropout=0.0, attention_dropout=0.0)
+  config.data.update(max_seq_length=32, max_predictions_per_seq=5)
+  config.train.update(global_batch_size=16, num_train_steps=8, log_every_steps=2,
+                      eval_every_steps=4, eval_steps=1)
+  config.optim.update(warmup_steps=2, peak_learning_rate=1e-3)
+  config.ckpt.update(save_interval_steps=4, async_save=False)
+  for key, value in overrides.items():
+    group, _, field = key.rpartition(".")
+    target = config
+    for part in group.split(".") if group else []:
+      target = target[part]
+    target[field] = value
+  return config
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                                                       atol=atol), a, b)
