@@ -1,0 +1,35 @@
+"""BERT pretraining and fine-tuning in JAX/Flax: `pip install -e .[test]` for development."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bert-jax",
+    version="0.1.0",
+    description="BERT pretraining (MLM + NSP) and fine-tuning (GLUE, SQuAD) in JAX/Flax NNX, "
+                "sharded over a device mesh with jax.jit",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*", "finetune", "finetune.*",
+                                    "configs", "tools"]),
+    install_requires=[
+        # Tested on jax 0.10.2 (CPU) and 0.11.2 (CUDA); the sharding APIs used (jax.set_mesh,
+        # AxisType, make_array_from_process_local_data) need jax >= 0.7.
+        "jax>=0.7,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors"],
+        "cuda": ["jax[cuda12]>=0.7,<0.12"],
+        "tpu": ["jax[tpu]>=0.7,<0.12"],
+        "gcs": ["gcsfs"],
+    },
+)
