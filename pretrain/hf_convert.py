@@ -1,6 +1,6 @@
 """Weights between Hugging Face transformers' BERT (PyTorch state_dict) and `pretrain.model`.
 
-Our parameters are the pure nested dict `nnx.split(model)[1].to_pure_dict()` of
+Our parameters are the pure nested dict `nnx.to_pure_dict(nnx.split(model)[1])` of
 `pretrain.model.BertForPreTraining` (encoder layers keyed by int). Differences from the HF layout:
 torch Linear weights are (out, in), our kernels (in, out); query/key/value are one fused
 `qkv_kernel` (hidden, 3, heads, head_dim); the attention output is `out_kernel` (heads, head_dim,

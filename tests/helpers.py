@@ -16,7 +16,7 @@ def tiny_config(**overrides):
   config.model.update(vocab_size=250, hidden_size=32, num_layers=2, num_heads=4,
                       intermediate_size=64, max_position_embeddings=32, dtype="float32",
                       hidden_dropout=0.0, attention_dropout=0.0)
-  config.data.update(max_seq_length=32, max_predictions_per_seq=5)
+  config.data.update(source="synthetic", max_seq_length=32, max_predictions_per_seq=5)
   config.train.update(global_batch_size=16, num_train_steps=8, log_every_steps=2,
                       eval_every_steps=4, eval_steps=1)
   config.optim.update(warmup_steps=2, peak_learning_rate=1e-3)
