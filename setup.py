@@ -25,11 +25,14 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.15",
+        "fsspec>=2023.1",
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
-        "gcs": ["gcsfs"],
+        "gcs": ["gcsfs"],           # gs:// inputs and outputs through fsspec
     },
 )
