@@ -1,10 +1,11 @@
 # Two entry points; each builds its own virtual environment (.venv) on first use.
-#   make demo   pretrain the demo config end to end on CPU (a few minutes), into workdir/demo
+#   make demo   text -> tokenizer -> shards -> pretraining of the demo config on CPU, in workdir/demo
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-WORKDIR ?= workdir/demo
+DEMO := workdir/demo
+CORPUS := data/demo/moby_dick.jsonl.gz
 
 .PHONY: demo test clean
 
@@ -14,8 +15,17 @@ $(BIN)/activate: setup.py
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(BIN)/activate
 
-demo: $(BIN)/activate
-	$(BIN)/python -m pretrain --config=configs/pretrain.py:demo --workdir=$(WORKDIR)
+$(DEMO)/spm.model: $(CORPUS) | $(BIN)/activate
+	$(BIN)/python -m tools.data train-tokenizer --input=$(CORPUS) --output_prefix=$(DEMO)/spm \
+	    --vocab_size=8192
+
+$(DEMO)/data/manifest.json: $(DEMO)/spm.model
+	$(BIN)/python -m tools.data create --input=$(CORPUS) --tokenizer=$(DEMO)/spm.model \
+	    --output_dir=$(DEMO)/data --dupe_factor=5 --mode=static
+
+demo: $(DEMO)/data/manifest.json
+	$(BIN)/python -m pretrain --config=configs/pretrain.py:demo --workdir=$(DEMO)/run \
+	    --config.data.path=$(DEMO)/data
 
 test: $(BIN)/activate
 	$(BIN)/python -m pytest -q tests

@@ -1,6 +1,6 @@
 """Pretraining configs: `--config=configs/pretrain.py:VARIANT`.
 
-Variants: demo (minutes on a laptop CPU), the small-BERT grid (tiny, mini, small, medium) and the
+Variants: demo (minutes on a laptop CPU, on the shards `make demo` writes), the small-BERT grid (tiny, mini, small, medium) and the
 original base / large. Every field can be overridden on the command line, e.g.
 `--config.train.global_batch_size=512 --config.mesh.shape="(1,-1,1)"`; an unknown key is an error.
 """
@@ -49,10 +49,13 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   config.model = model_config(*_SIZES[variant])
 
   config.data = ml_collections.ConfigDict(dict(
-      source="synthetic",            # the real-text pipeline replaces this (shards + manifest)
+      source="shards",               # "shards" (python -m tools.data create) or "synthetic"
+      path="",                       # the shard directory (with manifest.json)
       max_seq_length=128,
       max_predictions_per_seq=20,
-      masked_lm_prob=0.15,
+      masked_lm_prob=0.15,           # dynamic masking (and the synthetic stream)
+      whole_word_mask=False,         # dynamic masking
+      verify_checksums=True,         # SHA-256 of every shard when the loader opens it
       eval_seed=1_000_003,           # the held-out stream draws from its own seed
   ))
 
@@ -103,7 +106,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     config.train.eval_every_steps = 100
     config.train.eval_steps = 4
     config.optim.warmup_steps = 30
-    config.model.vocab_size = 8192
+    config.model.vocab_size = 8192           # the SentencePiece model `make demo` trains
     config.model.max_position_embeddings = 128
+    config.data.path = "workdir/demo/data"
     config.ckpt.save_interval_steps = 100
   return config

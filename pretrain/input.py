@@ -16,6 +16,8 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+from pretrain import masking
+from pretrain import shards
 from pretrain import sharding
 
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
@@ -86,3 +88,102 @@ class Prefetcher(Iterator):
   def close(self):
     self._stop.set()
     self._thread.join(timeout=5)
+
+
+class ShardSource:
+  """Host-local batches from tokenized shards (see `pretrain.shards`).
+
+  The data set's N instances are cut into `process_count` contiguous, disjoint parts; this host reads
+  only its part, reshuffles it every epoch with a seed of (seed, epoch, host), and serves
+  (N // process_count) // local_batch batches per epoch, so every host takes the same number of
+  steps. In dynamic mode each batch gets fresh masks. The position (epoch, batch) is the state a
+  checkpoint records.
+  """
+
+  def __init__(self, directory: str, *, split: str, global_batch_size: int, seed: int,
+               max_seq_length: int, max_predictions_per_seq: int,
+               dynamic_masking: masking.MaskingSpec | None = None,
+               process_index: int = 0, process_count: int = 1, verify: bool = True):
+    manifest = shards.read_manifest(directory)
+    creation = manifest["creation"]
+    if creation["max_seq_length"] != max_seq_length:
+      raise ValueError(f"data.max_seq_length={max_seq_length} but the shards in {directory} hold "
+                       f"sequences of {creation['max_seq_length']}")
+    self.static = creation["mode"] == "static"
+    if self.static and creation["max_predictions_per_seq"] != max_predictions_per_seq:
+      raise ValueError(f"data.max_predictions_per_seq={max_predictions_per_seq} but the static "
+                       f"masks in {directory} have {creation['max_predictions_per_seq']} slots")
+    if not self.static and dynamic_masking is None:
+      raise ValueError(f"the shards in {directory} are unmasked (mode=dynamic): the loader needs "
+                       "a masking spec")
+    self.manifest = manifest
+    self._shards = shards.open_shards(directory, split, verify=verify)
+    self._ends = np.cumsum([len(s) for s in self._shards])
+    total = int(self._ends[-1]) if len(self._ends) else 0
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} does not split over {process_count} "
+                       "processes")
+    self.local_batch = global_batch_size // process_count
+    part = total // process_count
+    self.part = (process_index * part, (process_index + 1) * part)
+    self.batches_per_epoch = part // self.local_batch
+    if self.batches_per_epoch == 0:
+      raise ValueError(f"split {split!r} of {directory} has {total} instances: fewer than one "
+                       f"batch of {global_batch_size} (per host {self.local_batch})")
+    self.seed, self.process_index = seed, process_index
+    self.max_predictions = max_predictions_per_seq
+    self.masking = dynamic_masking
+    self._epoch, self._batch = 0, 0
+    self._order = None
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self._epoch, "batch": self._batch}
+
+  def set_state(self, state: dict[str, Any]):
+    self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
+
+  def __iter__(self):
+    return self
+
+  def indices(self, epoch: int, batch: int) -> np.ndarray:
+    """Global instance indices of this host's batch `batch` of `epoch`."""
+    if self._order is None or self._order[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch, self.process_index])
+      self._order = (epoch, self.part[0] + rng.permutation(self.part[1] - self.part[0]))
+    return self._order[1][batch * self.local_batch:(batch + 1) * self.local_batch]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    index = self.indices(self._epoch, self._batch)
+    records = self._gather(index)
+    batch = self._to_batch(records, self._epoch, self._batch)
+    self._batch += 1
+    if self._batch == self.batches_per_epoch:
+      self._epoch, self._batch = self._epoch + 1, 0
+    return batch
+
+  def _gather(self, index: np.ndarray) -> np.ndarray:
+    shard_of = np.searchsorted(self._ends, index, side="right")
+    starts = np.concatenate([[0], self._ends[:-1]])
+    out = np.empty(len(index), self._shards[0].dtype)
+    for shard in np.unique(shard_of):
+      rows = np.flatnonzero(shard_of == shard)
+      local = index[rows] - starts[shard]
+      order = np.argsort(local)                  # read each shard front to back
+      out[rows[order]] = self._shards[shard][local[order]]
+    return out
+
+  def _to_batch(self, records: np.ndarray, epoch: int, batch_index: int) -> dict[str, np.ndarray]:
+    ids = records["input_ids"].astype(np.int32)
+    lengths = records["length"].astype(np.int32)
+    batch = {"input_mask": (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int32),
+             "segment_ids": records["segment_ids"].astype(np.int32),
+             "next_sentence_labels": records["next_sentence_label"].astype(np.int32)}
+    if self.static:
+      batch.update(input_ids=ids,
+                   masked_lm_positions=records["masked_lm_positions"].astype(np.int32),
+                   masked_lm_ids=records["masked_lm_ids"].astype(np.int32),
+                   masked_lm_weights=records["masked_lm_weights"].astype(np.float32))
+    else:
+      rng = np.random.default_rng([self.seed, epoch, batch_index, self.process_index, 1])
+      batch.update(masking.mask_batch(ids, lengths, records["word_start"], self.masking, rng))
+    return batch

@@ -28,12 +28,15 @@ from pretrain import heads
 from pretrain import input as input_lib
 from pretrain import perf
 from pretrain import sharding
+from pretrain import shards
 from pretrain.checkpoint import Checkpointer, abstract_like
 from pretrain.logs import MetricsWriter
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.optim import make_optimizer
 from pretrain.perf import flops_per_sequence
+from pretrain.create_data import masking_spec
 from pretrain.synthetic import SyntheticSource
+from pretrain.tokenizer import check_tokenizer, load_tokenizer
 
 
 @flax.struct.dataclass
@@ -54,11 +57,13 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int =
     raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds "
                      f"model.max_position_embeddings={model.max_position_embeddings}")
   dp, k = sharding.data_parallel_size(mesh), train.grad_accum_steps
-  if k < 1 or train.global_batch_size % (dp * k):
+  if k < 1:
+    raise ValueError(f"train.grad_accum_steps={k} must be at least 1")
+  if train.global_batch_size % (dp * k):
     raise ValueError(
         f"train.global_batch_size={train.global_batch_size} must be divisible by the data-parallel "
         f"size ({dp} = data x fsdp of mesh {dict(mesh.shape)}) times train.grad_accum_steps={k}; "
-        f"try {max(dp * k, train.global_batch_size // (dp * k) * dp * k)}")
+        f"e.g. {max(dp * k, train.global_batch_size // (dp * k) * dp * k)}")
   if train.global_batch_size % process_count:
     raise ValueError(f"train.global_batch_size={train.global_batch_size} must be divisible by the "
                      f"number of processes ({process_count})")
@@ -80,7 +85,7 @@ class Setup:
 
     def init_state(key):
       params = nnx.split(BertForPreTraining(self.model_config, rngs=nnx.Rngs(key)))[1]
-      params = params.to_pure_dict()
+      params = nnx.to_pure_dict(params)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=self.tx.init(params),
                         rng=jax.random.key_data(jax.random.fold_in(key, 1)))
@@ -104,7 +109,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     name = "/".join(map(str, path))
     sharding.check_divisible(name, variable.shape, axes, mesh)
     _set_path(param_shardings, path, sharding.named(mesh, axes))
-  params = abstract_params.to_pure_dict()
+  params = nnx.to_pure_dict(abstract_params)
   replicated = sharding.replicated(mesh)
   opt_abstract = jax.eval_shape(tx.init, params)
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_shardings,
@@ -209,22 +214,51 @@ class PreemptionGuard:
       signal.signal(sig, handler)
 
 
-def make_source(config: ml_collections.ConfigDict, *, split: str) -> input_lib.Source:
+def make_source(config: ml_collections.ConfigDict, *, split: str) -> input_lib.Source | None:
+  """The host-local batch stream of `split` ("train" or "eval"); None if the data has no such split."""
   data = config.data
-  if data.source != "synthetic":
-    raise ValueError(f"data.source={data.source!r}: only 'synthetic' exists so far")
   seed = config.seed if split == "train" else data.eval_seed
-  return SyntheticSource(
-      vocab_size=config.model.vocab_size, max_seq_length=data.max_seq_length,
-      max_predictions_per_seq=data.max_predictions_per_seq,
-      global_batch_size=config.train.global_batch_size, seed=seed,
-      masked_lm_prob=data.masked_lm_prob, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  common = dict(global_batch_size=config.train.global_batch_size, seed=seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if data.source == "synthetic":
+    return SyntheticSource(
+        vocab_size=config.model.vocab_size, max_seq_length=data.max_seq_length,
+        max_predictions_per_seq=data.max_predictions_per_seq,
+        masked_lm_prob=data.masked_lm_prob, **common)
+  if data.source != "shards":
+    raise ValueError(f"data.source={data.source!r}; choose 'shards' or 'synthetic'")
+  if not data.path:
+    raise ValueError("data.source='shards' needs data.path, a directory made by "
+                     "`python -m tools.data create`")
+  manifest = shards.read_manifest(data.path)
+  if split not in manifest["splits"]:
+    return None
+  tokenizer = tokenizer_of_shards(data.path, manifest)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of the shards "
+                     f"in {data.path} has {tokenizer.vocab_size} entries; set "
+                     f"--config.model.vocab_size={tokenizer.vocab_size}")
+  spec = masking_spec(tokenizer, data.max_predictions_per_seq, data.masked_lm_prob,
+                      data.whole_word_mask)
+  return input_lib.ShardSource(
+      data.path, split=split, max_seq_length=data.max_seq_length,
+      max_predictions_per_seq=data.max_predictions_per_seq, dynamic_masking=spec,
+      verify=data.verify_checksums, **common)
+
+
+def tokenizer_of_shards(directory: str, manifest: dict[str, Any]):
+  """The tokenizer recorded with the shards, checked against its hash in the manifest."""
+  info = manifest["tokenizer"]
+  path = os.path.join(directory, info["file"])
+  check_tokenizer(path, info["sha256"])
+  return load_tokenizer(path, lowercase=info.get("lowercase"))
 
 
 def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
   """Metrics over the first `train.eval_steps` batches of the held-out stream (the same each time)."""
   source = make_source(config, split="eval")
+  if source is None:
+    return {}
   total = None
   for _ in range(config.train.eval_steps):
     sums = eval_step(params, input_lib.to_global(next(source), mesh))
@@ -286,6 +320,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           pending, last_log_step, last_log_time = [], step, time.perf_counter()
         if step % train_cfg.eval_every_steps == 0 or step == train_cfg.num_train_steps:
           eval_metrics = evaluate(eval_step, state.params, config, mesh)
+          if not eval_metrics:
+            logging.info("no eval split in %s: evaluation skipped", config.data.path)
           writer.write(step, eval_metrics, "eval")
           progress.write(f"step {step}: eval " + " ".join(
               f"{k}={v:.4f}" for k, v in eval_metrics.items()))

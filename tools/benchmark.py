@@ -53,6 +53,8 @@ def benchmark(config, steps: int, warmup: int, window: int) -> dict:
 
   from pretrain import input as input_lib, perf, sharding, train  # pylint: disable=g-import-not-at-top
 
+  if not config.data.path:
+    config.data.source = "synthetic"       # the step alone: any valid batch will do
   mesh = sharding.make_mesh(config.mesh.shape)
   train.validate(config, mesh, jax.process_count())
   setup = train.make_setup(config, mesh)
