@@ -20,6 +20,8 @@ import random
 import shutil
 from typing import Any
 
+from absl import logging
+import fsspec
 import numpy as np
 import tqdm
 
@@ -70,6 +72,10 @@ def masking_spec(tokenizer: Tokenizer, max_predictions: int, masked_lm_prob: flo
       random_token_ids=np.asarray(tokenizer.normal_ids, np.int32))
 
 
+def _digest(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------- stage 1: tokenize
 
 _worker: dict[str, Any] = {}   # per-process state of pool workers (set by their initializer)
@@ -105,9 +111,8 @@ def _chunks(iterator, size: int):
 def tokenize_corpus(inputs: list[str], tokenizer: Tokenizer, spec: CreateSpec, workdir: str,
                     num_workers: int, stats: corpus_lib.CorpusStats) -> instances_lib.TokenizedCorpus:
   """Encodes every document (ordered), caching the flat arrays in `workdir`."""
-  key = hashlib.sha256(json.dumps(
-      [inputs, [os.path.getsize(p) if os.path.exists(p) else None for p in inputs],
-       tokenizer.sha256, spec.input_format, spec.text_field]).encode()).hexdigest()[:16]
+  key = _digest([inputs, [os.path.getsize(p) if os.path.exists(p) else None for p in inputs],
+                 tokenizer.sha256, tokenizer.lowercase, spec.input_format, spec.text_field])
   cache = os.path.join(workdir, f"tokens-{key}.npz")
   if os.path.exists(cache):
     with np.load(cache) as z:
@@ -189,7 +194,7 @@ def _init_unit_worker(corpora_path: str, tokenizer_path: str, lowercase, spec: C
 
 def _make_unit(unit: dict[str, Any]) -> dict[str, Any]:
   """Creates (or finds finished) the shard of one (split, dupe, block) unit."""
-  done = shards.finished_shard(unit["path"])
+  done = shards.finished_shard(unit["path"], unit["key"])
   if done is not None:
     return done
   spec: CreateSpec = _worker["spec"]
@@ -223,7 +228,7 @@ def _make_unit(unit: dict[str, Any]) -> dict[str, Any]:
     for field in ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights"):
       records[field] = masked[field]
     stats["masked"] = int(masked["masked_lm_weights"].sum())
-  return shards.write_shard(unit["path"], records, {"stats": stats})
+  return shards.write_shard(unit["path"], records, {"key": unit["key"], "stats": stats})
 
 
 def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: CreateSpec,
@@ -237,11 +242,18 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
   workdir = os.path.join(output_dir, "_work")
   stats = corpus_lib.CorpusStats()
   corpus = tokenize_corpus(inputs, tokenizer, spec, workdir, num_workers, stats)
+  corpus_key = hashlib.sha256(b"".join(
+      a.tobytes() for a in dataclasses.astuple(corpus))).hexdigest()[:16]
 
   order = np.random.default_rng([spec.seed, 7]).permutation(corpus.num_documents)
   num_eval = int(round(corpus.num_documents * spec.eval_fraction))
-  if spec.eval_fraction and corpus.num_documents > 1:
-    num_eval = max(num_eval, 2)     # the random-next draw needs two documents
+  if spec.eval_fraction:
+    # Each split needs two documents (a random-next B comes from another document).
+    num_eval = min(max(num_eval, 2), corpus.num_documents - 2)
+    if num_eval < 2:
+      logging.warning("%d documents: too few to hold some out for evaluation (eval_fraction=%s); "
+                      "writing no eval split", corpus.num_documents, spec.eval_fraction)
+      num_eval = 0
   splits = {"train": np.sort(order[num_eval:])}
   if num_eval:
     splits["eval"] = np.sort(order[:num_eval])
@@ -255,8 +267,12 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
     dupes = spec.dupe_factor if name == "train" else 1
     for dupe in range(dupes):
       for block, docs in enumerate(_document_blocks(split_corpus, spec.tokens_per_shard)):
-        units.append({"split": name, "dupe": dupe, "block": block, "documents": docs,
-                      "path": os.path.join(output_dir, f"{name}-{dupe:02d}-{block:05d}.npy")})
+        unit = {"split": name, "dupe": dupe, "block": block, "documents": docs,
+                "path": os.path.join(output_dir, f"{name}-{dupe:02d}-{block:05d}.npy")}
+        # What the shard depends on: a re-run reuses it only if all of this is unchanged.
+        unit["key"] = _digest([dataclasses.asdict(spec), tokenizer.sha256, tokenizer.lowercase,
+                               corpus_key, name, dupe, block, docs])
+        units.append(unit)
   ctx = multiprocessing.get_context("fork")
   with ctx.Pool(num_workers, _init_unit_worker,
                 (corpora_path, tokenizer.path, lowercase, spec)) as pool:
@@ -264,7 +280,7 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
                              mininterval=2.0))
 
   tokenizer_file = os.path.basename(tokenizer.path)
-  shutil.copyfile(tokenizer.path, os.path.join(output_dir, tokenizer_file))
+  _copy_file(tokenizer.path, os.path.join(output_dir, tokenizer_file))
   static = spec.mode == "static"
   manifest = {
       "splits": {name: {"num_instances": sum(e["num_instances"] for e, u in zip(entries, units)
@@ -288,6 +304,17 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
 
 _SKIPPED_OR_REPAIRED = ("empty_documents", "single_sentence_documents", "decode_errors",
                         "bad_json_lines", "missing_text_field", "overlong_sentences")
+
+
+def _copy_file(source: str, target: str):
+  """Copies `source` (a local path or fsspec URL) unless it already is `target`."""
+  if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
+    return
+  with fsspec.open(source, "rb") as f:
+    data = f.read()
+  with open(target + ".tmp", "wb") as f:
+    f.write(data)
+  os.replace(target + ".tmp", target)
 
 
 def summary(manifest: dict[str, Any]) -> str:

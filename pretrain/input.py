@@ -93,10 +93,10 @@ class Prefetcher(Iterator):
 class ShardSource:
   """Host-local batches from tokenized shards (see `pretrain.shards`).
 
-  The data set's N instances are cut into `process_count` contiguous, disjoint parts; this host reads
-  only its part, reshuffles it every epoch with a seed of (seed, epoch, host), and serves
-  (N // process_count) // local_batch batches per epoch, so every host takes the same number of
-  steps. In dynamic mode each batch gets fresh masks. The position (epoch, batch) is the state a
+  The data set's N instances are cut into `process_count` contiguous, disjoint parts that cover it
+  (sizes differ by at most one); this host reads only its part, reshuffles it every epoch with a
+  seed of (seed, epoch, host), and serves (N // process_count) // local_batch batches per epoch, so
+  every host takes the same number of steps. In dynamic mode each batch gets fresh masks. The position (epoch, batch) is the state a
   checkpoint records.
   """
 
@@ -124,9 +124,10 @@ class ShardSource:
       raise ValueError(f"global batch {global_batch_size} does not split over {process_count} "
                        "processes")
     self.local_batch = global_batch_size // process_count
-    part = total // process_count
-    self.part = (process_index * part, (process_index + 1) * part)
-    self.batches_per_epoch = part // self.local_batch
+    # Parts differ by at most one instance; every host serves as many batches as the smallest.
+    self.part = (process_index * total // process_count,
+                 (process_index + 1) * total // process_count)
+    self.batches_per_epoch = (total // process_count) // self.local_batch
     if self.batches_per_epoch == 0:
       raise ValueError(f"split {split!r} of {directory} has {total} instances: fewer than one "
                        f"batch of {global_batch_size} (per host {self.local_batch})")

@@ -10,7 +10,7 @@ reaches the target; segment A is a random number of the chunk's leading sentence
 and the chunk's unused sentences are put back; otherwise B is the rest of the chunk. (google-research/bert
 makes B random whenever the chunk holds a single sentence, which tilts real text to ~53% random
 pairs; here a one-sentence chunk with an actual-next label takes the following sentence as B, and
-only a document's last sentence is forced to a random B: 50.0-50.5% on the project's corpus.) The pair is truncated to fit by removing tokens from the longer segment at a
+only a document's last sentence is forced to a random B: 50.5-51% on the project's corpus.) The pair is truncated to fit by removing tokens from the longer segment at a
 random end, one at a time. Segments always start on sentence boundaries.
 
 Documents are held flat (`TokenizedCorpus`): one array of token ids, one of word-start flags, and the

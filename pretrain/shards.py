@@ -67,12 +67,14 @@ def write_shard(path: str, records: np.ndarray, extra: dict[str, Any] | None = N
   return entry
 
 
-def finished_shard(path: str) -> dict[str, Any] | None:
-  """The sidecar of a shard completed by an earlier run, if shard and sidecar agree."""
+def finished_shard(path: str, key: str) -> dict[str, Any] | None:
+  """The sidecar of a shard an earlier run completed with the same inputs and settings (`key`)."""
   try:
     with open(path + ".json", encoding="utf-8") as f:
       entry = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  if entry.get("key") != key:
     return None
   if not os.path.exists(path) or os.path.getsize(path) != entry.get("bytes"):
     return None

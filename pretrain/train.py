@@ -320,11 +320,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           pending, last_log_step, last_log_time = [], step, time.perf_counter()
         if step % train_cfg.eval_every_steps == 0 or step == train_cfg.num_train_steps:
           eval_metrics = evaluate(eval_step, state.params, config, mesh)
-          if not eval_metrics:
+          if eval_metrics:
+            writer.write(step, eval_metrics, "eval")
+            progress.write(f"step {step}: eval " + " ".join(
+                f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+          else:
             logging.info("no eval split in %s: evaluation skipped", config.data.path)
-          writer.write(step, eval_metrics, "eval")
-          progress.write(f"step {step}: eval " + " ".join(
-              f"{k}={v:.4f}" for k, v in eval_metrics.items()))
           last_log_time = time.perf_counter()        # evaluation is not training throughput
         ckpt.save(step, state, batches.state(), force=step == train_cfg.num_train_steps)
         if guard.requested:
