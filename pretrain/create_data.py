@@ -63,15 +63,6 @@ class CreateSpec:
       raise ValueError(f"eval_fraction={self.eval_fraction} must lie in [0, 1)")
 
 
-def masking_spec(tokenizer: Tokenizer, max_predictions: int, masked_lm_prob: float,
-                 whole_word_mask: bool) -> masking.MaskingSpec:
-  return masking.MaskingSpec(
-      max_predictions_per_seq=max_predictions, masked_lm_prob=masked_lm_prob,
-      whole_word_mask=whole_word_mask, mask_id=tokenizer.mask_id,
-      special_ids=tuple(sorted(tokenizer.special_ids)),
-      random_token_ids=np.asarray(tokenizer.normal_ids, np.int32))
-
-
 def _digest(value: Any) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -220,8 +211,8 @@ def _make_unit(unit: dict[str, Any]) -> dict[str, Any]:
            "short_target": sum(i.target_seq_length < spec.max_seq_length - 3 for i in instances),
            "tokens": int(packed["lengths"].sum())}
   if static and len(instances):
-    mspec = masking_spec(tokenizer, spec.max_predictions_per_seq, spec.masked_lm_prob,
-                         spec.whole_word_mask)
+    mspec = masking.MaskingSpec.for_tokenizer(tokenizer, spec.max_predictions_per_seq,
+                                              spec.masked_lm_prob, spec.whole_word_mask)
     masked = masking.mask_batch(packed["input_ids"], packed["lengths"], packed["word_start"],
                                 mspec, np.random.default_rng(list(name.encode())))
     records["input_ids"] = masked["input_ids"]

@@ -31,6 +31,15 @@ class MaskingSpec:
   random_token_ids: np.ndarray | None = None     # ids a 10%-random replacement draws from
   vocab_size: int | None = None                  # used when random_token_ids is None
 
+  @classmethod
+  def for_tokenizer(cls, tokenizer, max_predictions_per_seq: int, masked_lm_prob: float = 0.15,
+                    whole_word_mask: bool = False) -> MaskingSpec:
+    """[MASK] and special ids from a `pretrain.tokenizer.Tokenizer`; random words from its normal ids."""
+    return cls(max_predictions_per_seq=max_predictions_per_seq, masked_lm_prob=masked_lm_prob,
+               whole_word_mask=whole_word_mask, mask_id=tokenizer.mask_id,
+               special_ids=tuple(sorted(tokenizer.special_ids)),
+               random_token_ids=np.asarray(tokenizer.normal_ids, np.int32))
+
   def random_tokens(self, rng: np.random.Generator, shape) -> np.ndarray:
     if self.random_token_ids is not None:
       return self.random_token_ids[rng.integers(0, len(self.random_token_ids), size=shape)]

@@ -26,6 +26,7 @@ import tqdm
 
 from pretrain import heads
 from pretrain import input as input_lib
+from pretrain import masking
 from pretrain import perf
 from pretrain import sharding
 from pretrain import shards
@@ -34,7 +35,6 @@ from pretrain.logs import MetricsWriter
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.optim import make_optimizer
 from pretrain.perf import flops_per_sequence
-from pretrain.create_data import masking_spec
 from pretrain.synthetic import SyntheticSource
 from pretrain.tokenizer import check_tokenizer, load_tokenizer
 
@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int =
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """Everything static about a run on a mesh: graph, optimizer, shardings and the jitted steps."""
+  """Everything static about a run on a mesh: the graph, the optimizer and the state's shardings."""
   model_config: BertConfig
   mesh: Mesh
   graphdef: Any
@@ -238,8 +238,8 @@ def make_source(config: ml_collections.ConfigDict, *, split: str) -> input_lib.S
     raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of the shards "
                      f"in {data.path} has {tokenizer.vocab_size} entries; set "
                      f"--config.model.vocab_size={tokenizer.vocab_size}")
-  spec = masking_spec(tokenizer, data.max_predictions_per_seq, data.masked_lm_prob,
-                      data.whole_word_mask)
+  spec = masking.MaskingSpec.for_tokenizer(tokenizer, data.max_predictions_per_seq,
+                                           data.masked_lm_prob, data.whole_word_mask)
   return input_lib.ShardSource(
       data.path, split=split, max_seq_length=data.max_seq_length,
       max_predictions_per_seq=data.max_predictions_per_seq, dynamic_masking=spec,

@@ -21,6 +21,7 @@ import pytest
 from pretrain import corpus as corpus_lib
 from pretrain import create_data
 from pretrain import input as input_lib
+from pretrain import masking
 from pretrain import sharding
 from pretrain import shards
 from pretrain.create_data import CreateSpec
@@ -100,7 +101,7 @@ def demo_shards(tmp_path_factory, spm):
 
 @pytest.fixture(scope="module")
 def dynamic_spec(spm):
-  return create_data.masking_spec(spm, 10, 0.15, whole_word_mask=False)
+  return masking.MaskingSpec.for_tokenizer(spm, 10, 0.15, whole_word_mask=False)
 
 
 # ================================================================================================
@@ -245,7 +246,7 @@ def test_dynamic_masks_change_every_epoch(demo_shards, dynamic_spec):
 
 
 def test_dynamic_whole_word_masks_in_the_loader(demo_shards, spm):
-  spec = create_data.masking_spec(spm, 10, 0.15, whole_word_mask=True)
+  spec = masking.MaskingSpec.for_tokenizer(spm, 10, 0.15, whole_word_mask=True)
   src = source(demo_shards["dynamic"], batch=64, spec=spec)
   records = read_split(demo_shards["dynamic"])
   pieces = spm.ids_to_tokens(range(spm.vocab_size))
@@ -414,7 +415,7 @@ def test_loader_runs_50_batches_of_256_at_seq_128_with_dynamic_masks(spm, tmp_pa
   create_data.create([inputs], spm.path, str(tmp_path / "data"),
                      CreateSpec(max_seq_length=128, max_predictions_per_seq=20, dupe_factor=1,
                                 eval_fraction=0, mode="dynamic"), num_workers=2)
-  spec = create_data.masking_spec(spm, 20, 0.15, whole_word_mask=False)
+  spec = masking.MaskingSpec.for_tokenizer(spm, 20, 0.15, whole_word_mask=False)
   src = source(tmp_path / "data", batch=256, spec=spec, seq=128, pred=20)
   start = time.perf_counter()
   for _ in range(50):

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
   parser.add_argument("--whole_word_mask", action="store_true")
   args = parser.parse_args(argv)
 
-  from pretrain import corpus, create_data, input as input_lib  # pylint: disable=g-import-not-at-top
+  from pretrain import corpus, create_data, input as input_lib, masking  # pylint: disable=g-import-not-at-top
   from pretrain.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   tokenizer = load_tokenizer(args.tokenizer, lowercase=args.lowercase)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     create_data.create(inputs, args.tokenizer, dynamic,
                        create_data.CreateSpec(dupe_factor=1, mode="dynamic", eval_fraction=0.0),
                        num_workers=1, lowercase=args.lowercase)
-    mspec = create_data.masking_spec(tokenizer, 20, 0.15, args.whole_word_mask)
+    mspec = masking.MaskingSpec.for_tokenizer(tokenizer, 20, 0.15, args.whole_word_mask)
     source = input_lib.ShardSource(dynamic, split="train", global_batch_size=args.batch_size,
                                    seed=0, max_seq_length=128, max_predictions_per_seq=20,
                                    dynamic_masking=mspec)

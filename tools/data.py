@@ -100,15 +100,15 @@ def _inspect(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from pretrain import input as input_lib, shards  # pylint: disable=g-import-not-at-top
-  from pretrain.create_data import masking_spec  # pylint: disable=g-import-not-at-top
+  from pretrain.masking import MaskingSpec  # pylint: disable=g-import-not-at-top
   from pretrain.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   manifest = shards.read_manifest(args.data_dir)
   creation = manifest["creation"]
   tokenizer = load_tokenizer(os.path.join(args.data_dir, manifest["tokenizer"]["file"]),
                              lowercase=manifest["tokenizer"].get("lowercase"))
-  spec = masking_spec(tokenizer, creation["max_predictions_per_seq"], creation["masked_lm_prob"],
-                      creation["whole_word_mask"])
+  spec = MaskingSpec.for_tokenizer(tokenizer, creation["max_predictions_per_seq"],
+                                   creation["masked_lm_prob"], creation["whole_word_mask"])
   source = input_lib.ShardSource(
       args.data_dir, split=args.split, global_batch_size=args.num, seed=0,
       max_seq_length=creation["max_seq_length"],
