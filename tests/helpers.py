@@ -1,5 +1,8 @@
 """Small configs and helpers shared by the tests."""
 
+import gzip
+from pathlib import Path
+
 import jax
 import numpy as np
 
@@ -33,3 +36,22 @@ def tiny_config(**overrides):
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
                                                        atol=atol), a, b)
+
+
+def write_slice(source: Path, path: Path, num_docs: int, skip: int = 0) -> str:
+  """The first `num_docs` JSON lines of `source` (after `skip`), as a .jsonl.gz of their own."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with gzip.open(source, "rt", encoding="utf-8") as f_in, gzip.open(path, "wt",
+                                                                     encoding="utf-8") as f_out:
+    for i, line in enumerate(f_in):
+      if i >= skip + num_docs:
+        break
+      if i >= skip:
+        f_out.write(line)
+  return str(path)
+
+
+def read_split(directory, split="train") -> np.ndarray:
+  """All records of a split of a shard directory, in shard order."""
+  from pretrain import shards  # pylint: disable=g-import-not-at-top
+  return np.concatenate([np.asarray(a) for a in shards.open_shards(str(directory), split)])

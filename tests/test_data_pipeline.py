@@ -6,7 +6,6 @@ vocab and are skipped where either is absent; everything else runs on hand-made 
 chapters of the bundled demo corpus with a small SentencePiece model trained once per session.
 """
 
-import gzip
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import read_split, tiny_config, write_slice
 from pretrain import corpus as corpus_lib
 from pretrain import create_data
 from pretrain import instances as instances_lib
@@ -51,23 +50,6 @@ def demo_tokenizer(tmp_path_factory):
     sentences = [s for doc in corpus_lib.iter_corpus([str(DEMO)]) for s in doc]
     train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
   return load_tokenizer(str(prefix.with_suffix(".model")))
-
-
-def write_slice(source: Path, path: Path, num_docs: int, skip: int = 0) -> str:
-  """The first `num_docs` JSON lines of `source` (after `skip`), as a .jsonl.gz of their own."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with gzip.open(source, "rt", encoding="utf-8") as f_in, gzip.open(path, "wt",
-                                                                     encoding="utf-8") as f_out:
-    for i, line in enumerate(f_in):
-      if i >= skip + num_docs:
-        break
-      if i >= skip:
-        f_out.write(line)
-  return str(path)
-
-
-def read_split(directory, split="train") -> np.ndarray:
-  return np.concatenate([np.asarray(a) for a in shards.open_shards(str(directory), split)])
 
 
 def unmasked_ids(records: np.ndarray) -> np.ndarray:

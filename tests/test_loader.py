@@ -6,7 +6,6 @@ SentencePiece model (trained once per session), or are written by hand where a t
 number of instances.
 """
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,8 @@ from pretrain import shards
 from pretrain.create_data import CreateSpec
 from pretrain.tokenizer import load_tokenizer, train_sentencepiece
 
+from helpers import read_split, write_slice
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "moby_dick.jsonl.gz"
 
@@ -39,21 +40,6 @@ def demo_tokenizer(tmp_path_factory):
     sentences = [s for doc in corpus_lib.iter_corpus([str(DEMO)]) for s in doc]
     train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
   return load_tokenizer(str(prefix.with_suffix(".model")))
-
-
-def write_slice(path: Path, num_docs: int, skip: int = 0) -> str:
-  with gzip.open(DEMO, "rt", encoding="utf-8") as f_in, gzip.open(path, "wt",
-                                                                  encoding="utf-8") as f_out:
-    for i, line in enumerate(f_in):
-      if i >= skip + num_docs:
-        break
-      if i >= skip:
-        f_out.write(line)
-  return str(path)
-
-
-def read_split(directory, split="train") -> np.ndarray:
-  return np.concatenate([np.asarray(a) for a in shards.open_shards(str(directory), split)])
 
 
 def source(directory, *, batch=16, seed=0, index=0, count=1, spec=None, seq=64, pred=10):
@@ -88,7 +74,7 @@ def spm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory, spm):
   """{"static" | "dynamic": directory}: 8 chapters, seq 64, several shards."""
-  inputs = write_slice(tmp_path_factory.mktemp("slice") / "demo.jsonl.gz", 8)
+  inputs = write_slice(DEMO, tmp_path_factory.mktemp("slice") / "demo.jsonl.gz", 8)
   out = {}
   for mode in ("static", "dynamic"):
     out[mode] = tmp_path_factory.mktemp(mode)
@@ -374,7 +360,7 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 
 
 def test_train_loop_restart_equals_straight_run(spm, tmp_path):
-  inputs = write_slice(tmp_path / "two.jsonl.gz", 2, skip=4)
+  inputs = write_slice(DEMO, tmp_path / "two.jsonl.gz", 2, skip=4)
   data = tmp_path / "shards"
   create_data.create([inputs], spm.path, str(data),
                      CreateSpec(max_seq_length=32, max_predictions_per_seq=5, dupe_factor=1,
@@ -411,7 +397,7 @@ def test_train_loop_restart_equals_straight_run(spm, tmp_path):
 # Throughput smoke run (not timed)
 
 def test_loader_runs_50_batches_of_256_at_seq_128_with_dynamic_masks(spm, tmp_path):
-  inputs = write_slice(tmp_path / "slice.jsonl.gz", 30)
+  inputs = write_slice(DEMO, tmp_path / "slice.jsonl.gz", 30)
   create_data.create([inputs], spm.path, str(tmp_path / "data"),
                      CreateSpec(max_seq_length=128, max_predictions_per_seq=20, dupe_factor=1,
                                 eval_fraction=0, mode="dynamic"), num_workers=2)
