@@ -360,7 +360,7 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 
 
 def test_train_loop_restart_equals_straight_run(spm, tmp_path):
-  inputs = write_slice(DEMO, tmp_path / "two.jsonl.gz", 2, skip=4)
+  inputs = write_slice(DEMO, tmp_path / "three.jsonl.gz", 3, skip=4)   # >= 3 batches an epoch
   data = tmp_path / "shards"
   create_data.create([inputs], spm.path, str(data),
                      CreateSpec(max_seq_length=32, max_predictions_per_seq=5, dupe_factor=1,
