@@ -33,6 +33,8 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
-        "gcs": ["gcsfs"],           # gs:// inputs and outputs through fsspec
+        # gs:// corpora and workdirs: fsspec's gcsfs; TensorBoard event files on gs:// need
+        # google-cloud-storage (tensorboardX).
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -6,40 +6,69 @@ import json
 import os
 from typing import Any
 
+import fsspec
 import jax
 
 
+def is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def write_text(path: str, text: str):
+  """Writes a whole file, locally or to any fsspec URL (gs://...)."""
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with fsspec.open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
 class MetricsWriter:
-  """One JSON object per line: {"step": N, "train/loss": ..., ...}; the same scalars to TensorBoard."""
+  """One JSON object per line: {"step": N, "train/loss": ..., ...}; the same scalars to TensorBoard.
+
+  A local `metrics.jsonl` is appended to; in a remote workdir (gs://), where objects cannot be
+  appended to, the whole file is rewritten at each write, starting from what an earlier run left.
+  TensorBoard event files go through tensorboardX (gs:// needs google-cloud-storage: the gcs extra).
+  """
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      if is_remote(workdir):
+        fs, _ = fsspec.core.url_to_fs(self.path)
+        self._lines = fs.cat(self.path).decode().splitlines(True) if fs.exists(self.path) else []
+        self._file = None
+      else:
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, step: int, scalars: dict[str, Any], prefix: str):
     if not self.enabled:
       return
     values = {f"{prefix}/{k}": float(v) for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **values}) + "\n"
+    if self._file is None:
+      self._lines.append(line)
+      write_text(self.path, "".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     for name, value in values.items():
       self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
 
   def close(self):
     if self.enabled:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+  with fsspec.open(os.path.join(workdir, "metrics.jsonl"), "r", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -19,8 +19,10 @@ import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 
@@ -31,7 +33,7 @@ from pretrain import perf
 from pretrain import sharding
 from pretrain import shards
 from pretrain.checkpoint import Checkpointer, abstract_like
-from pretrain.logs import MetricsWriter
+from pretrain.logs import MetricsWriter, write_text
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.optim import make_optimizer
 from pretrain.perf import flops_per_sequence
@@ -192,7 +194,11 @@ def make_eval_step(setup: Setup) -> Callable:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM/SIGINT (TPU maintenance, Ctrl-C) into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT (TPU maintenance, Ctrl-C) into a flag the loop checks between steps.
+
+  With several processes the flag is shared only at log steps (see `should_stop`), so a signalled
+  run stops at the next multiple of `train.log_every_steps`, on every process at once.
+  """
 
   def __init__(self):
     self.requested: str | None = None
@@ -208,6 +214,21 @@ class PreemptionGuard:
 
   def _handle(self, signum, _frame):
     self.requested = signal.Signals(signum).name
+
+  def should_stop(self, sync_point: bool) -> bool:
+    """Whether to stop after this step; call it on every process at every step.
+
+    One process stops as soon as a signal arrived. Several processes may get SIGTERM at different
+    steps, yet must all save the same step: they stop only at sync points (`sync_point` must be
+    the same on all processes, e.g. the log steps, where the loop syncs with the host anyway) and
+    only together, when any of them has been signalled.
+    """
+    if jax.process_count() == 1:
+      return self.requested is not None
+    if not sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    return bool(np.any(flags))
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -287,8 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   writer = MetricsWriter(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   train_step, eval_step = make_train_step(setup, train_cfg.grad_accum_steps), make_eval_step(setup)
   seq_len = config.data.max_seq_length
   flops = flops_per_sequence(setup.model_config, seq_len, config.data.max_predictions_per_seq)
@@ -306,8 +326,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         step += 1
         pending.append(metrics)
         progress.update(1)
-        if step % train_cfg.log_every_steps == 0 or step == train_cfg.num_train_steps:
-          values = _mean(jax.device_get(pending))    # the only host sync of the hot loop
+        log_step = step % train_cfg.log_every_steps == 0 or step == train_cfg.num_train_steps
+        if log_step:
+          values = _mean(jax.device_get(pending))    # the hot loop syncs only at log steps
           elapsed = time.perf_counter() - last_log_time
           seq_per_s = (step - last_log_step) * train_cfg.global_batch_size / elapsed
           values.update(seq_per_s=seq_per_s, tokens_per_s=seq_per_s * seq_len,
@@ -328,9 +349,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             logging.info("no eval split in %s: evaluation skipped", config.data.path)
           last_log_time = time.perf_counter()        # evaluation is not training throughput
         ckpt.save(step, state, batches.state(), force=step == train_cfg.num_train_steps)
-        if guard.requested:
+        if guard.should_stop(sync_point=log_step):
           logging.warning("%s received: saving a checkpoint at step %d and stopping",
-                          guard.requested, step)
+                          guard.requested or "a stop signal on another process", step)
           ckpt.save(step, state, batches.state(), force=True)
           break
   finally:
