@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",          # jax >= 0.7; tools/tpu.py reads TOML with tomllib
     packages=find_packages(include=["pretrain", "pretrain.*", "finetune", "finetune.*",
                                     "configs", "tools"]),
     install_requires=[
