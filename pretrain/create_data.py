@@ -69,14 +69,22 @@ def _digest(value: Any) -> str:
 
 # ---------------------------------------------------------------- stage 1: tokenize
 
-_worker: dict[str, Any] = {}   # per-process state of pool workers (set by their initializer)
+# Per-process state of pool workers (set by their initializer). Workers are spawned, not forked: the
+# caller may hold threads (JAX's, the tokenizers library's), and forking a threaded process can crash
+# or hang the child.
+_worker: dict[str, Any] = {}
 
 
 def _init_tokenize_worker(tokenizer_path: str, lowercase: bool | None):
-  _worker["tokenizer"] = load_tokenizer(tokenizer_path, lowercase=lowercase)
+  try:
+    _worker["tokenizer"] = load_tokenizer(tokenizer_path, lowercase=lowercase)
+  except Exception as e:  # pylint: disable=broad-except
+    _worker["error"] = e     # raised by the first task: a failing initializer would hang the pool
 
 
 def _tokenize_chunk(documents: list[list[str]]):
+  if "error" in _worker:
+    raise _worker["error"]
   tokenizer: Tokenizer = _worker["tokenizer"]
   flat = [s for doc in documents for s in doc]
   encoded = tokenizer.encode_batch(flat) if flat else []
@@ -100,8 +108,13 @@ def _chunks(iterator, size: int):
 
 
 def tokenize_corpus(inputs: list[str], tokenizer: Tokenizer, spec: CreateSpec, workdir: str,
-                    num_workers: int, stats: corpus_lib.CorpusStats) -> instances_lib.TokenizedCorpus:
-  """Encodes every document (ordered), caching the flat arrays in `workdir`."""
+                    num_workers: int, stats: corpus_lib.CorpusStats,
+                    tokenizer_path: str | None = None) -> instances_lib.TokenizedCorpus:
+  """Encodes every document (ordered), caching the flat arrays in `workdir`.
+
+  Workers load the tokenizer from `tokenizer_path` (a local copy), else from `tokenizer.path`.
+  """
+  tokenizer_path = tokenizer_path or tokenizer.path
   key = _digest([inputs, [os.path.getsize(p) if os.path.exists(p) else None for p in inputs],
                  tokenizer.sha256, tokenizer.lowercase, spec.input_format, spec.text_field])
   cache = os.path.join(workdir, f"tokens-{key}.npz")
@@ -113,9 +126,8 @@ def tokenize_corpus(inputs: list[str], tokenizer: Tokenizer, spec: CreateSpec, w
   documents = corpus_lib.iter_corpus(inputs, format=spec.input_format,
                                      text_field=spec.text_field, stats=stats)
   ids, starts, sentence_lengths, doc_sizes = [], [], [], []
-  ctx = multiprocessing.get_context("fork")
-  with ctx.Pool(num_workers, _init_tokenize_worker,
-                (tokenizer.path, getattr(tokenizer, "lowercase", None))) as pool:
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(num_workers, _init_tokenize_worker, (tokenizer_path, tokenizer.lowercase)) as pool:
     progress = tqdm.tqdm(desc="tokenize", unit=" docs", mininterval=2.0)
     for tokenized in pool.imap(_tokenize_chunk, _chunks(documents, 64)):
       for doc in tokenized:
@@ -172,6 +184,13 @@ def _document_blocks(corpus: instances_lib.TokenizedCorpus, tokens_per_block: in
 
 
 def _init_unit_worker(corpora_path: str, tokenizer_path: str, lowercase, spec: CreateSpec):
+  try:
+    _load_unit_worker(corpora_path, tokenizer_path, lowercase, spec)
+  except Exception as e:  # pylint: disable=broad-except
+    _worker["error"] = e
+
+
+def _load_unit_worker(corpora_path: str, tokenizer_path: str, lowercase, spec: CreateSpec):
   _worker["corpora"] = {}
   with np.load(corpora_path) as z:
     for split in ("train", "eval"):
@@ -185,6 +204,8 @@ def _init_unit_worker(corpora_path: str, tokenizer_path: str, lowercase, spec: C
 
 def _make_unit(unit: dict[str, Any]) -> dict[str, Any]:
   """Creates (or finds finished) the shard of one (split, dupe, block) unit."""
+  if "error" in _worker:
+    raise _worker["error"]
   done = shards.finished_shard(unit["path"], unit["key"])
   if done is not None:
     return done
@@ -230,9 +251,13 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
   inputs = corpus_lib.expand_inputs(inputs)
   tokenizer = load_tokenizer(tokenizer_path, lowercase=lowercase)
   os.makedirs(output_dir, exist_ok=True)
+  # The tokenizer travels with the shards; workers load this local copy (the original may be a URL).
+  tokenizer_file = os.path.basename(tokenizer.path)
+  local_tokenizer = os.path.join(output_dir, tokenizer_file)
+  _copy_file(tokenizer.path, local_tokenizer)
   workdir = os.path.join(output_dir, "_work")
   stats = corpus_lib.CorpusStats()
-  corpus = tokenize_corpus(inputs, tokenizer, spec, workdir, num_workers, stats)
+  corpus = tokenize_corpus(inputs, tokenizer, spec, workdir, num_workers, stats, local_tokenizer)
   corpus_key = hashlib.sha256(b"".join(
       a.tobytes() for a in dataclasses.astuple(corpus))).hexdigest()[:16]
 
@@ -264,14 +289,12 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
         unit["key"] = _digest([dataclasses.asdict(spec), tokenizer.sha256, tokenizer.lowercase,
                                corpus_key, name, dupe, block, docs])
         units.append(unit)
-  ctx = multiprocessing.get_context("fork")
+  ctx = multiprocessing.get_context("spawn")
   with ctx.Pool(num_workers, _init_unit_worker,
-                (corpora_path, tokenizer.path, lowercase, spec)) as pool:
+                (corpora_path, local_tokenizer, lowercase, spec)) as pool:
     entries = list(tqdm.tqdm(pool.imap(_make_unit, units), total=len(units), desc="shards",
                              mininterval=2.0))
 
-  tokenizer_file = os.path.basename(tokenizer.path)
-  _copy_file(tokenizer.path, os.path.join(output_dir, tokenizer_file))
   static = spec.mode == "static"
   manifest = {
       "splits": {name: {"num_instances": sum(e["num_instances"] for e, u in zip(entries, units)
