@@ -4,9 +4,8 @@ It lets the train loop, the benchmarks and the tests run without a corpus. Batch
 function of `(seed, i)`, and each process keeps only its rows of the global batch, so the stream is
 identical whatever the number of hosts, and resuming only needs the index of the next batch.
 
-Layout per row: [CLS] A [SEP] B [SEP] [PAD]...; segment ids 0 then 1; 15% of the non-special tokens
-(at most `max_predictions_per_seq`) chosen for prediction, of which 80% become [MASK], 10% a random
-token and 10% stay unchanged.
+Layout per row: [CLS] A [SEP] B [SEP] [PAD]...; segment ids 0 then 1; masked by `pretrain.masking`
+(BERT's 80/10/10 over 15% of the tokens), as real dynamic-masked shards are.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from pretrain import masking
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 FIRST_WORD_ID = 5
@@ -71,34 +72,16 @@ class SyntheticSource:
     input_mask = (pos < lengths[:, None]).astype(np.int32)
     segment_ids = ((pos > sep_a[:, None]) & (pos < lengths[:, None])).astype(np.int32)
 
-    # Choose the positions to predict: a random subset of each row's word tokens.
-    maskable = (ids >= FIRST_WORD_ID) & (input_mask == 1)
-    num_to_predict = np.minimum(p, np.maximum(1, np.round(words * self.masked_lm_prob))).astype(int)
-    order = np.argsort(np.where(maskable, rng.random((b, s)), np.inf), axis=1, kind="stable")
-    chosen = order[:, :p]
-    slot = np.arange(p)[None, :]
-    weights = (slot < num_to_predict[:, None]).astype(np.float32)
-    positions = np.where(weights > 0, chosen, s)                    # s sorts unused slots last
-    positions = np.sort(positions, axis=1)
-    positions = np.where(positions == s, 0, positions)
-    rows = np.arange(b)[:, None]
-    masked_ids = np.where(weights > 0, ids[rows, positions], 0)
-
-    # 80% [MASK], 10% random word, 10% unchanged.
-    draw = rng.random((b, p))
-    random_words = rng.integers(FIRST_WORD_ID, self.vocab_size, size=(b, p))
-    replacement = np.where(draw < 0.8, MASK_ID, np.where(draw < 0.9, random_words, masked_ids))
-    inputs = ids.copy()
-    real = weights > 0
-    inputs[rows.repeat(p, 1)[real], positions[real]] = replacement[real]
+    spec = masking.MaskingSpec(max_predictions_per_seq=p, masked_lm_prob=self.masked_lm_prob,
+                               mask_id=MASK_ID, special_ids=(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
+                               vocab_size=self.vocab_size)
+    masked = masking.mask_batch(ids, lengths, None, spec, rng)
 
     batch = {
-        "input_ids": inputs.astype(np.int32),
+        **masked,
+        "input_ids": masked["input_ids"].astype(np.int32),
         "input_mask": input_mask,
         "segment_ids": segment_ids,
-        "masked_lm_positions": positions.astype(np.int32),
-        "masked_lm_ids": masked_ids.astype(np.int32),
-        "masked_lm_weights": weights,
         "next_sentence_labels": rng.integers(0, 2, size=b).astype(np.int32),
     }
     return {k: v[self._rows] for k, v in batch.items()}
