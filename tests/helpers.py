@@ -8,6 +8,8 @@ import numpy as np
 
 from configs.pretrain import get_config
 
+DEMO_CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo" / "moby_dick.jsonl.gz"
+
 
 def tiny_config(**overrides):
   """A BERT small enough for 2 CPU cores, float32 and without dropout unless asked otherwise.
@@ -55,3 +57,15 @@ def read_split(directory, split="train") -> np.ndarray:
   """All records of a split of a shard directory, in shard order."""
   from pretrain import shards  # pylint: disable=g-import-not-at-top
   return np.concatenate([np.asarray(a) for a in shards.open_shards(str(directory), split)])
+
+
+def demo_tokenizer(tmp_path_factory):
+  """A 2000-piece SentencePiece model of the demo corpus, trained once per pytest session."""
+  from pretrain import corpus  # pylint: disable=g-import-not-at-top
+  from pretrain.tokenizer import load_tokenizer, train_sentencepiece  # pylint: disable=g-import-not-at-top
+  prefix = tmp_path_factory.getbasetemp() / "demo-spm" / "spm"
+  if not prefix.with_suffix(".model").exists():
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    sentences = [s for doc in corpus.iter_corpus([str(DEMO_CORPUS)]) for s in doc]
+    train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
+  return load_tokenizer(str(prefix.with_suffix(".model")))

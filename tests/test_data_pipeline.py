@@ -19,15 +19,14 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import read_split, tiny_config, write_slice
-from pretrain import corpus as corpus_lib
+from helpers import demo_tokenizer, read_split, tiny_config, write_slice
 from pretrain import create_data
 from pretrain import instances as instances_lib
 from pretrain import masking
 from pretrain import shards
 from pretrain import train
 from pretrain.create_data import CreateSpec
-from pretrain.tokenizer import load_tokenizer, train_sentencepiece
+from pretrain.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "moby_dick.jsonl.gz"
@@ -40,16 +39,6 @@ def _wordpiece_vocab() -> Path | None:
     return None
   path = Path(list(spec.submodule_search_locations)[0]) / "model" / "vocab.txt"
   return path if path.exists() else None
-
-
-def demo_tokenizer(tmp_path_factory):
-  """A 2000-piece SentencePiece model of the demo corpus, trained once per pytest session."""
-  prefix = tmp_path_factory.getbasetemp() / "demo-spm" / "spm"
-  if not prefix.with_suffix(".model").exists():
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    sentences = [s for doc in corpus_lib.iter_corpus([str(DEMO)]) for s in doc]
-    train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
-  return load_tokenizer(str(prefix.with_suffix(".model")))
 
 
 def unmasked_ids(records: np.ndarray) -> np.ndarray:

@@ -17,29 +17,17 @@ import time
 import numpy as np
 import pytest
 
-from pretrain import corpus as corpus_lib
 from pretrain import create_data
 from pretrain import input as input_lib
 from pretrain import masking
 from pretrain import sharding
 from pretrain import shards
 from pretrain.create_data import CreateSpec
-from pretrain.tokenizer import load_tokenizer, train_sentencepiece
 
-from helpers import read_split, write_slice
+from helpers import demo_tokenizer, read_split, write_slice
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "moby_dick.jsonl.gz"
-
-
-def demo_tokenizer(tmp_path_factory):
-  """A 2000-piece SentencePiece model of the demo corpus, trained once per pytest session."""
-  prefix = tmp_path_factory.getbasetemp() / "demo-spm" / "spm"
-  if not prefix.with_suffix(".model").exists():
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    sentences = [s for doc in corpus_lib.iter_corpus([str(DEMO)]) for s in doc]
-    train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
-  return load_tokenizer(str(prefix.with_suffix(".model")))
 
 
 def source(directory, *, batch=16, seed=0, index=0, count=1, spec=None, seq=64, pred=10):
