@@ -117,15 +117,21 @@ class BertModel(nnx.Module):
     self.pooler = Dense(config.hidden_size, config.hidden_size, ("embed", "mlp"), config,
                         rngs=rngs)
 
-  def __call__(self, input_ids, input_mask, segment_ids, key=None):
-    """`input_mask` is 1 on real tokens, 0 on trailing padding (google-research/bert layout)."""
+  def __call__(self, input_ids, input_mask, segment_ids, key=None, *, all_layers=False):
+    """(sequence output, pooled output); with `all_layers`, also the tuple of hidden states
+    (embeddings output, then every layer's output: num_layers + 1 entries).
+
+    `input_mask` is 1 on real tokens, 0 on trailing padding (google-research/bert layout).
+    """
     lengths = input_mask.astype(jnp.int32).sum(-1)
     keys = split_key(key, len(self.layers) + 1)
     x = self.embeddings(input_ids, segment_ids, keys[0])
+    hidden = [x]
     for layer, layer_key in zip(self.layers, keys[1:]):
       x = layer(x, lengths, layer_key)
+      hidden.append(x)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
-    return x, pooled
+    return (x, pooled, tuple(hidden)) if all_layers else (x, pooled)
 
 
 class PretrainOutput(NamedTuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from absl import logging
 import flax
 from flax import nnx
+import fsspec
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -275,6 +277,17 @@ def tokenizer_of_shards(directory: str, manifest: dict[str, Any]):
   return load_tokenizer(path, lowercase=info.get("lowercase"))
 
 
+def record_tokenizer(data_path: str, workdir: str):
+  """Copies the shards' tokenizer into the workdir with its manifest entry (`tokenizer.json`), so a
+  checkpoint carries the vocabulary it was trained with (fine-tuning reads it from there)."""
+  info = shards.read_manifest(data_path)["tokenizer"]
+  source, target = os.path.join(data_path, info["file"]), os.path.join(workdir, info["file"])
+  check_tokenizer(source, info["sha256"])
+  with fsspec.open(source, "rb") as f_in, fsspec.open(target, "wb") as f_out:
+    f_out.write(f_in.read())
+  write_text(os.path.join(workdir, "tokenizer.json"), json.dumps(info, indent=2))
+
+
 def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
   """Metrics over the first `train.eval_steps` batches of the held-out stream (the same each time)."""
   source = make_source(config, split="eval")
@@ -309,6 +322,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   writer = MetricsWriter(workdir)
   if jax.process_index() == 0:
     write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    if config.data.source == "shards":
+      record_tokenizer(config.data.path, workdir)
   train_step, eval_step = make_train_step(setup, train_cfg.grad_accum_steps), make_eval_step(setup)
   seq_len = config.data.max_seq_length
   flops = flops_per_sequence(setup.model_config, seq_len, config.data.max_predictions_per_seq)

