@@ -94,6 +94,18 @@ class Tokenizer(abc.ABC):
     return self.encode_batch([text])[0]
 
   @abc.abstractmethod
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 ids as `encode` gives them, int32 [n, 2] [start, end) character offsets into `text`).
+
+    Span extraction (SQuAD) maps predicted tokens back to the exact original text through these, so
+    they are Python str indices into the text as given (before lowercasing, accent stripping or
+    NFKC), and a token's span never begins with whitespace. Spans are in order and do not overlap,
+    except where one character becomes several tokens: WordPiece gives each of them the character
+    (Hangul syllables split into jamo), SentencePiece gives it to the last and empty spans to the
+    others ("Ⅳ" -> "▁I" "V"); a lone "▁" piece has an empty span too.
+    """
+
+  @abc.abstractmethod
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; [PAD], [CLS], [SEP] and [MASK] are left out, [UNK] is shown."""
 
@@ -197,6 +209,21 @@ class SentencePieceTokenizer(Tokenizer):
       out.append((ids, starts))
     return out
 
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    try:  # sentencepiece 0.2.0
+      pieces = self.sp.encode(text, out_type="immutable_proto").pieces
+      spans = [(p.id, p.begin, p.end) for p in pieces]
+    except ValueError:  # releases that dropped immutable_proto (0.2.3) have offset_mapping
+      mapping = self.sp.encode(text, out_type="offset_mapping", return_bytes=True)
+      spans = [(i, b, e) for i, (b, e) in zip(mapping["ids"], mapping["offsets"])]
+    ids = np.array([i for i, _, _ in spans], np.int32)
+    # Both give UTF-8 byte offsets; a piece's span also covers the whitespace its "▁" stands for.
+    code_points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    utf8_lengths = (1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000))
+    char_of_byte = np.append(np.repeat(np.arange(len(text)), utf8_lengths), len(text))
+    offsets = char_of_byte[np.array([(b, e) for _, b, e in spans], np.int64).reshape(-1, 2)]
+    return ids, _skip_leading_space(text, offsets).astype(np.int32)
+
   def decode(self, ids: Iterable[int]) -> str:
     drop = self.special_ids - {self.unk_id}
     return self.sp.decode([int(i) for i in ids if int(i) not in drop])
@@ -210,6 +237,18 @@ class SentencePieceTokenizer(Tokenizer):
 
   def describe(self) -> dict[str, Any]:
     return {**super().describe(), "model_type": self.model_type}
+
+
+def _skip_leading_space(text: str, offsets: np.ndarray) -> np.ndarray:
+  """Moves each [start, end) past the whitespace it begins with (at most to its end)."""
+  if not len(text):
+    return offsets
+  is_space = np.fromiter((c.isspace() for c in text), bool, len(text))
+  # next_word[i]: the first non-space position >= i (len(text) if none).
+  positions = np.where(is_space, len(text), np.arange(len(text)))
+  next_word = np.append(np.minimum.accumulate(positions[::-1])[::-1], len(text))
+  starts = np.minimum(next_word[offsets[:, 0]], offsets[:, 1])
+  return np.stack([starts, offsets[:, 1]], axis=1)
 
 
 def _lines(paths: Sequence[str]) -> Iterator[str]:
@@ -364,6 +403,13 @@ class WordPieceTokenizer(Tokenizer):
       ids = np.asarray(enc.ids, np.int32)
       out.append((ids, ~self._continuation[ids]))
     return out
+
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    # tokenizers' Python Encoding.offsets are character offsets into the original string: its
+    # normalizer keeps an alignment through lowercasing, accent stripping and CJK spacing.
+    enc = self._hf.encode(text, add_special_tokens=False)
+    return (np.asarray(enc.ids, np.int32),
+            np.asarray(enc.offsets, np.int32).reshape(len(enc.ids), 2))
 
   def decode(self, ids: Iterable[int]) -> str:
     drop = self.special_ids - {self.unk_id}

