@@ -106,15 +106,17 @@ class LayerwiseState(NamedTuple):
 
 
 def layerwise(inner: optax.GradientTransformation, num_layers: int, layer_decay: float = 1.0,
-              unfreeze_every_steps: int = 0) -> optax.GradientTransformation:
+              unfreeze_every_steps: int = 0, frozen: Any = None) -> optax.GradientTransformation:
   """Wraps `inner` (the optimizer, learning rate included) with per-depth rate factors and freezing.
 
   At step t the groups of depth >= L + 1 - t // unfreeze_every_steps train (all groups when
-  `unfreeze_every_steps` is 0).
+  `unfreeze_every_steps` is 0); parameters True in `frozen` (a tree like the params) never train.
   """
   top = num_layers + 1
 
-  def trainable(depth, count):
+  def trainable(depth, count, is_frozen=False):
+    if is_frozen:
+      return jnp.zeros((), jnp.bool_)
     if unfreeze_every_steps <= 0:
       return jnp.ones((), jnp.bool_)
     return depth >= top - count // unfreeze_every_steps
@@ -124,12 +126,12 @@ def layerwise(inner: optax.GradientTransformation, num_layers: int, layer_decay:
 
   def update(grads, state, params=None):
     depth_tree = depths(grads, num_layers)
-    grads = jax.tree.map(lambda g, d: jnp.where(trainable(d, state.count), g, 0.0),
-                         grads, depth_tree)
+    frozen_tree = jax.tree.map(lambda _: False, grads) if frozen is None else frozen
+    train = jax.tree.map(lambda d, f: trainable(d, state.count, f), depth_tree, frozen_tree)
+    grads = jax.tree.map(lambda g, t: jnp.where(t, g, 0.0), grads, train)
     updates, inner_state = inner.update(grads, state.inner, params)
-    updates = jax.tree.map(
-        lambda u, d: jnp.where(trainable(d, state.count), u * layer_decay ** (top - d), 0.0
-                               ).astype(u.dtype), updates, depth_tree)
+    updates = jax.tree.map(lambda u, d, t: jnp.where(t, u * layer_decay ** (top - d), 0.0
+                                                     ).astype(u.dtype), updates, depth_tree, train)
     return updates, LayerwiseState(state.count + 1, inner_state)
 
   return optax.GradientTransformation(init, update)
@@ -158,9 +160,9 @@ def make_optimizer(optim: Mapping[str, Any], num_steps: int, num_layers: int,
   every = int(optim["unfreeze_every_steps"])
   if every < 0:
     raise ValueError(f"optim.unfreeze_every_steps={every} must be >= 0 (0 = no gradual unfreezing)")
-  if optim["layer_decay"] != 1.0 or every > 0:
-    tx = layerwise(tx, num_layers, optim["layer_decay"], every)   # frozen layers: outside the clip norm
-  if trainable is not None:
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  frozen = None if trainable is None else jax.tree.map(lambda t: not t, trainable)
+  if optim["layer_decay"] != 1.0 or every > 0 or frozen is not None:
+    # Frozen parameters stay outside the clipping norm. (optax.multi_transform would spare their
+    # Adam moments, but its masked state does not map onto parameter shardings.)
+    tx = layerwise(tx, num_layers, optim["layer_decay"], every, frozen)
   return tx, schedule

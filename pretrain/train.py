@@ -107,24 +107,36 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   abstract_model = nnx.eval_shape(lambda: BertForPreTraining(model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model)
 
-  param_shardings = {}
+  shardings, abstract = state_layout(abstract_params, tx, mesh)
+  return Setup(model_config, mesh, graphdef, tx, schedule, shardings, abstract)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
+  """NamedShardings of an (abstract) nnx param state, from each parameter's logical `axes`."""
+  out = {}
   for path, variable in nnx.to_flat_state(abstract_params):
     axes = variable.get_metadata()["axes"]
     name = "/".join(map(str, path))
     sharding.check_divisible(name, variable.shape, axes, mesh)
-    _set_path(param_shardings, path, sharding.named(mesh, axes))
+    _set_path(out, path, sharding.named(mesh, axes))
+  return out
+
+
+def state_layout(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh
+                 ) -> tuple[TrainState, TrainState]:
+  """(shardings, abstract state with those shardings) of a TrainState holding these params."""
+  params_sharding = param_shardings(abstract_params, mesh)
   params = nnx.to_pure_dict(abstract_params)
   replicated = sharding.replicated(mesh)
   opt_abstract = jax.eval_shape(tx.init, params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_shardings,
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sharding,
                                         transform_non_params=lambda _: replicated)
   rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.PRNGKey(0)))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=opt_abstract, rng=rng)
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+  shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_shardings,
                          rng=replicated)
-  return Setup(model_config, mesh, graphdef, tx, schedule, shardings,
-               abstract_like(abstract, shardings))
+  return shardings, abstract_like(abstract, shardings)
 
 
 def _set_path(tree: dict, path: tuple, value):
@@ -173,7 +185,7 @@ def make_train_step(setup: Setup, grad_accum_steps: int = 1) -> Callable:
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = heads.summarize(sums)
-    metrics.update(learning_rate=setup.schedule(state.step), grad_norm=optax.global_norm(grads))
+    metrics.update(learning_rate=setup.schedule(state.step), grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
