@@ -1,0 +1,105 @@
+"""Task models on the pretrained encoder: classification, regression and span (SQuAD) heads.
+
+Full fine-tuning reads the pooled [CLS] output (classification/regression, as BERT does) or every
+token (span). Feature-extraction mode freezes the encoder (`stop_gradient`, and the optimizer leaves it
+alone) and feeds the head a learned softmax-weighted mix of all hidden states, ELMo's scalar mix
+(Peters et al., 2018): gamma * sum_j softmax(w)_j h_j over the embeddings output and every layer.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from pretrain.layers import BertConfig, Dense, dropout, param, split_key
+from pretrain.model import BertModel
+
+KINDS = ("classification", "regression", "span")
+
+
+class ScalarMix(nnx.Module):
+
+  def __init__(self, num_inputs: int, config: BertConfig, *, rngs: nnx.Rngs):
+    zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
+    self.weights = param(rngs, zeros, (num_inputs,), ("norm",), config)   # softmax -> uniform
+    self.gamma = param(rngs, ones, (), (), config)
+
+  def __call__(self, hidden_states):
+    """Mixes a sequence of equally shaped arrays (or one array stacked on axis 0), in float32."""
+    stacked = jnp.stack([h.astype(jnp.float32) for h in hidden_states]) \
+        if isinstance(hidden_states, (tuple, list)) else hidden_states.astype(jnp.float32)
+    w = jax.nn.softmax(self.weights[...])
+    return self.gamma[...] * jnp.tensordot(w, stacked, axes=1)
+
+
+class TaskModel(nnx.Module):
+  """BertModel + a task head; `__call__(batch, key)` returns float32 logits.
+
+  classification: (batch, num_labels); regression: (batch,); span: (batch, seq, 2) start/end logits.
+  """
+
+  def __init__(self, config: BertConfig, *, kind: str, num_labels: int = 2, head_dropout: float = 0.1,
+               features: bool = False, pooling: str = "mean", rngs: nnx.Rngs):
+    if kind not in KINDS:
+      raise ValueError(f"task kind {kind!r}; choose one of {KINDS}")
+    if pooling not in ("cls", "mean"):
+      raise ValueError(f"head.feature_pooling={pooling!r}; choose 'cls' or 'mean'")
+    self.kind, self.features, self.pooling = kind, features, pooling
+    self.head_dropout = head_dropout
+    self.bert = BertModel(config, rngs=rngs)
+    if features:
+      self.scalar_mix = ScalarMix(config.num_layers + 1, config, rngs=rngs)
+    outputs = {"classification": num_labels, "regression": 1, "span": 2}[kind]
+    self.head = Dense(config.hidden_size, outputs, ("embed", None), config, rngs=rngs)
+
+  def encode(self, batch, key=None):
+    """The head's input: pooled (batch, hidden) or per-token (batch, seq, hidden) features."""
+    if not self.features:
+      seq, pooled = self.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"], key)
+      return seq if self.kind == "span" else pooled
+    _, _, hidden = self.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"],
+                             all_layers=True)       # frozen: no dropout in the encoder
+    hidden = [jax.lax.stop_gradient(h) for h in hidden]
+    if self.kind == "span":
+      return self.scalar_mix(hidden)
+    return self.scalar_mix(pool_layers(hidden, batch["input_mask"], self.pooling))
+
+  def predict(self, features, key=None):
+    """The head alone, on `encode`'s output (feature-extraction training reuses it)."""
+    out = self.head(dropout(features, self.head_dropout, key)).astype(jnp.float32)
+    return out[..., 0] if self.kind == "regression" else out
+
+  def __call__(self, batch, key=None):
+    encoder_key, head_key = split_key(key, 2)
+    return self.predict(self.encode(batch, encoder_key), head_key)
+
+
+def pool_layers(hidden, input_mask, pooling: str) -> jax.Array:
+  """Per-layer sentence features (layers, batch, hidden): the [CLS] vector or the masked mean."""
+  stacked = jnp.stack([h.astype(jnp.float32) for h in hidden])
+  if pooling == "cls":
+    return stacked[:, :, 0]
+  mask = input_mask.astype(jnp.float32)[None, :, :, None]
+  return (stacked * mask).sum(2) / jnp.maximum(mask.sum(2), 1.0)
+
+
+def loss_sums(kind: str, logits, batch) -> tuple[jax.Array, jax.Array]:
+  """(sum of per-example losses, number of examples) over the rows with `weight` 1 (padding rows 0).
+
+  classification: cross-entropy; regression: squared error; span: mean of start and end
+  cross-entropies (google-research/bert's SQuAD loss).
+  """
+  weight = batch["weight"].astype(jnp.float32)
+  if kind == "classification":
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  elif kind == "regression":
+    per_example = jnp.square(logits - batch["label"].astype(jnp.float32))
+  else:
+    # Padding tokens cannot be an answer: their logits are masked before the softmax.
+    masked = jnp.where(batch["input_mask"][..., None] > 0, logits, -1e9)
+    start = optax.softmax_cross_entropy_with_integer_labels(masked[..., 0], batch["start_positions"])
+    end = optax.softmax_cross_entropy_with_integer_labels(masked[..., 1], batch["end_positions"])
+    per_example = 0.5 * (start + end)
+  return (per_example * weight).sum(), weight.sum()
