@@ -37,6 +37,12 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
       dtype="bfloat16",              # compute dtype of matmuls and activations
       param_dtype="float32",
       attention_impl="auto",         # jax.nn.dot_product_attention: "auto", "xla" or "cudnn"
+      # Speed switches (docs/benchmarks.md measures them); the defaults are the plain path.
+      scan_layers=False,             # one lax.scan over stacked layers: params get a layer axis
+      remat_policy="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+      dropout_rng="threefry",        # threefry | rbg | unsafe_rbg (cheaper masks, mesh-dependent)
+      attention_dropout_impl="reference",  # reference | lean (bf16 probabilities kept for backward)
+      logits_grad_dtype="float32",   # float32 | bfloat16 gradient into the logits' backward matmuls
   ))
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrain import sharding
-from pretrain.layers import BertConfig, Dense, LayerNorm, activation, param
+from pretrain.layers import BertConfig, Dense, LayerNorm, activation, einsum_f32_out, param
 
 
 class MLMHead(nnx.Module):
@@ -29,13 +29,15 @@ class MLMHead(nnx.Module):
     self.activation = activation(config.hidden_act)
     self.vocab_size = config.vocab_size
     self.dtype = config.compute_dtype
+    self.grad_dtype = config.logits_grad_dtype
 
   def __call__(self, sequence_output, positions, word_embeddings):
     """(batch, seq, hidden), (batch, predictions), (vocab, hidden) -> float32 logits."""
     x = jnp.take_along_axis(sequence_output, positions[..., None].astype(jnp.int32), axis=1)
     x = self.layer_norm(self.activation(self.transform(x)))
-    logits = jnp.einsum("bph,vh->bpv", x, word_embeddings.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    # float32 logits; with model.logits_grad_dtype="bfloat16" their gradient enters the two
+    # backward matmuls (30k-wide) in bfloat16 instead of as float32 GEMMs.
+    logits = einsum_f32_out("bph,vh->bpv", x, word_embeddings.astype(self.dtype), self.grad_dtype)
     logits = logits + self.bias[...]
     # Keep the vocabulary dimension of the logits whole. Splitting it over `tensor` (which the
     # partitioner also picks by itself, from the table's sharding) lets XLA (jax 0.10.2 and 0.11.2)

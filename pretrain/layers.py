@@ -7,6 +7,7 @@ which `pretrain.sharding` maps to mesh axes; every matmul runs in the compute `d
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from flax import nnx
@@ -32,6 +33,13 @@ class BertConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   vocab_pad_multiple: int = 128
+  # Speed switches (pretrain/perf.py and docs/benchmarks.md measure them). Defaults = the plain path.
+  scan_layers: bool = False             # one jax.lax.scan over stacked layers (see model.py)
+  remat_policy: str = "none"            # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  dropout_rng: str = "threefry"         # threefry (the key as given) | rbg | unsafe_rbg
+  attention_dropout_impl: str = "reference"   # reference | lean (see SelfAttention)
+  logits_grad_dtype: str = "float32"    # float32 | bfloat16: dtype of the float32 logits' gradient
+                                        # fed to the backward matmuls (MLM decoder, attention scores)
 
   @classmethod
   def from_config(cls, model_config: Any) -> BertConfig:
@@ -53,6 +61,12 @@ class BertConfig:
       raise ValueError(f"model.hidden_act={self.hidden_act!r}; choose one of {sorted(_ACTIVATIONS)}")
     if self.attention_impl not in ("auto", "xla", "cudnn"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla or cudnn")
+    choices = dict(remat_policy=tuple(REMAT_POLICIES), dropout_rng=DROPOUT_RNGS,
+                   attention_dropout_impl=("reference", "lean"),
+                   logits_grad_dtype=("float32", "bfloat16"))
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {list(allowed)}")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -79,6 +93,62 @@ def activation(name: str):
   return _ACTIVATIONS[name]
 
 
+# model.remat_policy -> what the backward pass may keep from the forward pass of a layer.
+REMAT_POLICIES = {
+    "none": None,                                   # no rematerialisation: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,   # recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def dropout_key(key: jax.Array | None, impl: str) -> jax.Array | None:
+  """The key dropout draws its masks from, given the step's key (`train.py` makes a threefry key).
+
+  "threefry" uses `key` as it is (the default: masks independent of the mesh). "rbg"/"unsafe_rbg"
+  seed a key of that implementation from 128 bits of `key`, so dropout masks come from XLA's
+  RngBitGenerator (Philox on GPU), which is cheaper than threefry; the masks then depend on how
+  the arrays are sharded, so runs on different meshes no longer match bit for bit.
+  """
+  if key is None or impl == "threefry":
+    return key
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32_out_bf16_grad(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` with a float32 result, whose backward matmuls run in a's dtype.
+
+  Plain autodiff of an einsum with `preferred_element_type=float32` feeds the float32 cotangent
+  to the backward matmuls, which then run as float32 GEMMs on upcast operands. Here the cotangent
+  is rounded to the operands' dtype (bfloat16) first, as mixed-precision training does elsewhere;
+  the forward value is exactly the plain one.
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(spec, a, b):
+  return einsum_f32_out_bf16_grad(spec, a, b), (a, b)
+
+
+def _einsum_bwd(spec, residuals, g):
+  a, b = residuals
+  _, vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), a, b)
+  return vjp(g.astype(a.dtype))
+
+
+einsum_f32_out_bf16_grad.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum_f32_out(spec: str, a: jax.Array, b: jax.Array, grad_dtype: str) -> jax.Array:
+  """A float32-result einsum of low-precision operands; `grad_dtype` as model.logits_grad_dtype."""
+  if grad_dtype == "bfloat16" and a.dtype != jnp.float32:
+    return einsum_f32_out_bf16_grad(spec, a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def param(rngs: nnx.Rngs | None, init, shape, axes, config: BertConfig) -> nnx.Param:
   """A parameter with its logical axis names; `init` is a jax.nn.initializers function."""
   assert len(shape) == len(axes), (shape, axes)
@@ -89,12 +159,45 @@ def normal_init(config: BertConfig):
   return jax.nn.initializers.truncated_normal(stddev=config.initializer_range)
 
 
+def keep_mask(key: jax.Array, rate: float, shape) -> jax.Array:
+  """Where inverted dropout keeps its input: True with probability 1 - rate."""
+  return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return jnp.where(keep_mask(key, rate, x.shape), x / (1.0 - rate), 0).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def softmax_dropout(logits: jax.Array, keep: jax.Array, rate: float, dtype) -> jax.Array:
+  """dropout(softmax(logits)) in float32, cast to `dtype`: the same values as the plain chain.
+
+  The difference is the backward pass: plain autodiff keeps the float32 softmax output (4 bytes
+  per attention score) and differentiates softmax and dropout in separate float32 passes; this
+  keeps the probabilities in `dtype` (2 bytes) with the keep mask, and returns the logits'
+  gradient from one fused expression, dlogits = t - p * sum(t) with t = p * keep * g / (1-rate).
+  """
+  return _softmax_dropout_fwd(logits, keep, rate, dtype)[0]
+
+
+def _softmax_dropout_fwd(logits, keep, rate, dtype):
+  p = jax.nn.softmax(logits, axis=-1)
+  z = jnp.where(keep, p / (1.0 - rate), 0).astype(dtype)
+  return z, (p.astype(dtype), keep)
+
+
+def _softmax_dropout_bwd(rate, dtype, residuals, g):
+  del dtype
+  p_low, keep = residuals
+  p = p_low.astype(jnp.float32)
+  t = p * jnp.where(keep, g.astype(jnp.float32) / (1.0 - rate), 0)
+  return t - p * t.sum(-1, keepdims=True), None
+
+
+softmax_dropout.defvjp(_softmax_dropout_fwd, _softmax_dropout_bwd)
 
 
 def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:

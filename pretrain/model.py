@@ -19,8 +19,9 @@ import jax.numpy as jnp
 
 from pretrain import sharding
 from pretrain.heads import MLMHead, NSPHead
-from pretrain.layers import (BertConfig, Dense, LayerNorm, activation, dropout, normal_init,
-                             param, split_key)
+from pretrain.layers import (REMAT_POLICIES, BertConfig, Dense, LayerNorm, activation, dropout,
+                             dropout_key, einsum_f32_out, keep_mask, normal_init, param,
+                             softmax_dropout, split_key)
 
 
 class Embeddings(nnx.Module):
@@ -59,6 +60,8 @@ class SelfAttention(nnx.Module):
     self.dtype = config.compute_dtype
     self.dropout_rate = config.attention_dropout
     self.impl = None if config.attention_impl == "auto" else config.attention_impl
+    self.dropout_impl = config.attention_dropout_impl
+    self.grad_dtype = config.logits_grad_dtype
 
   def __call__(self, x, lengths, key):
     dt = self.dtype
@@ -74,13 +77,22 @@ class SelfAttention(nnx.Module):
     return out + self.out_bias[...].astype(dt)
 
   def _attention_with_dropout(self, q, k, v, lengths, key):
-    """Attention-probability dropout, which `jax.nn.dot_product_attention` does not offer."""
+    """Attention-probability dropout, which `jax.nn.dot_product_attention` does not offer.
+
+    `model.attention_dropout_impl`: "reference" differentiates softmax and dropout by plain
+    autodiff (float32 probabilities kept for the backward pass); "lean" computes the same forward
+    values through `layers.softmax_dropout`, whose backward keeps bfloat16 probabilities.
+    """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = einsum_f32_out("bqnd,bknd->bnqk", q, k, self.grad_dtype) * scale
     valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]            # (batch, key)
     logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, key)
-    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
+    if self.dropout_impl == "lean":
+      keep = keep_mask(key, self.dropout_rate, logits.shape)
+      probs = softmax_dropout(logits, keep, self.dropout_rate, v.dtype)
+    else:
+      probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, key).astype(v.dtype)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
 class EncoderLayer(nnx.Module):
@@ -109,13 +121,29 @@ class EncoderLayer(nnx.Module):
 
 
 class BertModel(nnx.Module):
-  """Embeddings -> encoder layers -> (sequence output, pooled [CLS] output)."""
+  """Embeddings -> encoder layers -> (sequence output, pooled [CLS] output).
+
+  `model.scan_layers=False` (default) keeps one module per layer: parameters `layers/<i>/...`, the
+  layout checkpoints, `pretrain/hf_convert.py` and fine-tuning use. With `scan_layers=True` the
+  layers are one module whose parameters carry a leading layer axis (`layers/attention/qkv_kernel`
+  of shape (num_layers, ...), logical axis None) run by one `jax.lax.scan`: a smaller program and
+  faster compiles (TPU pods), usually a slower step on GPU. `stack_layer_params` and
+  `unstack_layer_params` convert a parameter tree between the two layouts.
+  `model.remat_policy` wraps each layer (or the scan body) in `jax.checkpoint` with that policy.
+  """
 
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     self.embeddings = Embeddings(config, rngs=rngs)
-    self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    if config.scan_layers:
+      self.layers = _stacked_layers(config, rngs)
+    else:
+      self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.pooler = Dense(config.hidden_size, config.hidden_size, ("embed", "mlp"), config,
                         rngs=rngs)
+    self.num_layers = config.num_layers
+    self.scan_layers = config.scan_layers
+    self.remat_policy = config.remat_policy
+    self.dropout_rng = config.dropout_rng
 
   def __call__(self, input_ids, input_mask, segment_ids, key=None, *, all_layers=False):
     """(sequence output, pooled output); with `all_layers`, also the tuple of hidden states
@@ -124,14 +152,72 @@ class BertModel(nnx.Module):
     `input_mask` is 1 on real tokens, 0 on trailing padding (google-research/bert layout).
     """
     lengths = input_mask.astype(jnp.int32).sum(-1)
-    keys = split_key(key, len(self.layers) + 1)
-    x = self.embeddings(input_ids, segment_ids, keys[0])
-    hidden = [x]
-    for layer, layer_key in zip(self.layers, keys[1:]):
-      x = layer(x, lengths, layer_key)
-      hidden.append(x)
+    key = dropout_key(key, self.dropout_rng)
+    keys = None if key is None else jax.random.split(key, self.num_layers + 1)
+    x = self.embeddings(input_ids, segment_ids, None if keys is None else keys[0])
+    layer_keys = None if keys is None else keys[1:]
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(h, xs):
+        layer_state, layer_key = xs
+        h = nnx.merge(graphdef, layer_state)(h, lengths, layer_key)
+        return h, (h if all_layers else None)
+
+      if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+      embedded = x
+      x, ys = jax.lax.scan(body, x, (state, layer_keys))
+      hidden = [embedded, *ys] if all_layers else None
+    else:
+      hidden = [x]
+      for i, layer in enumerate(self.layers):
+        x = _apply_layer(layer, x, lengths, None if layer_keys is None else layer_keys[i], policy)
+        hidden.append(x)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
     return (x, pooled, tuple(hidden)) if all_layers else (x, pooled)
+
+
+def _apply_layer(layer: EncoderLayer, x, lengths, key, policy):
+  if policy is None:
+    return layer(x, lengths, key)
+  graphdef, state = nnx.split(layer)
+
+  def run(layer_state, h, layer_key):
+    return nnx.merge(graphdef, layer_state)(h, lengths, layer_key)
+
+  return jax.checkpoint(run, policy=policy)(state, x, key)
+
+
+def _stacked_layers(config: BertConfig, rngs: nnx.Rngs) -> EncoderLayer:
+  """One EncoderLayer whose parameters have a leading axis of num_layers (nnx.vmap over init)."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(layer_rngs):
+    return EncoderLayer(config, rngs=layer_rngs)
+
+  layers = make(rngs)
+  for _, variable in nnx.iter_graph(layers):
+    if isinstance(variable, nnx.Param):
+      variable.set_metadata("axes", (None,) + tuple(variable.get_metadata()["axes"]))
+  return layers
+
+
+def stack_layer_params(params: dict, num_layers: int) -> dict:
+  """A pure param dict in the default layout (`bert/layers/<i>/...`) -> the scan layout."""
+  layers = [params["bert"]["layers"][i] for i in range(num_layers)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, "bert": {**params["bert"], "layers": stacked}}
+
+
+def unstack_layer_params(params: dict) -> dict:
+  """A pure param dict in the scan layout -> the default layout (`bert/layers/<i>/...`)."""
+  stacked = params["bert"]["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  layers = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+  return {**params, "bert": {**params["bert"], "layers": layers}}
 
 
 class PretrainOutput(NamedTuple):
