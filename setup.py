@@ -30,7 +30,9 @@ setup(
         "fsspec>=2023.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors", "scikit-learn", "tensorflow-datasets>=4.9"],
+        # tensorflow-datasets without TensorFlow: its mock data tests the TFDS readers.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors", "scikit-learn",
+                 "tensorflow-datasets>=4.9"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
         # gs:// corpora and workdirs: fsspec's gcsfs; TensorBoard event files on gs:// need
