@@ -66,6 +66,10 @@ def locate(init_checkpoint: str, step: int = -1) -> Pretrained:
   model = _read_json(config_path).get("model")
   if not isinstance(model, Mapping):
     raise ValueError(f"{config_path} has no `model` group: not a pretraining config")
+  if model.get("scan_layers"):
+    raise ValueError(f"{config_path}: the run stacked its layers (model.scan_layers=True); "
+                     "fine-tuning reads the per-layer layout: convert the parameters with "
+                     "pretrain.model.unstack_layer_params first")
   missing = [k for k in ARCHITECTURE_KEYS if k not in model]
   if missing:
     raise ValueError(f"{config_path}: the model group lacks {missing}")
