@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import logging
 from flax import nnx
+import fsspec
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -311,6 +312,15 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
   return result
 
 
+def _finished_seed(seed_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(seed_dir, "results.json")
+  fs, local = fsspec.core.url_to_fs(path)
+  if not fs.exists(local):
+    return None
+  with fsspec.open(path, "r", encoding="utf-8") as f:
+    return json.load(f)
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
   """Mean, sample standard deviation, median, min and max of every metric over the seeds."""
   summary = {}
@@ -360,8 +370,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   steps = make_train_step(setup, example), make_predict_step(setup)
   runs = []
   for seed in range(config.seed, config.seed + config.seeds):
-    runs.append(run_seed(config, task, setup, steps, pretrained, seed,
-                         os.path.join(workdir, f"seed_{seed}"), num_steps))
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    finished = _finished_seed(seed_dir)
+    if finished is not None:      # a re-run of an interrupted multi-seed job skips what is done
+      logging.info("seed %d already finished in %s: reusing its results", seed, seed_dir)
+      runs.append(finished)
+      continue
+    runs.append(run_seed(config, task, setup, steps, pretrained, seed, seed_dir, num_steps))
   results = {"task": config.task, "main_metric": task.main_metric,
              "init": "scratch" if config.from_scratch else config.init_checkpoint,
              "summary": summarize(runs),

@@ -210,3 +210,66 @@ def test_squad_layout_run_writes_predictions(pretrained, tmp_path):
   questions = {e.qas_id for e in squad.read_squad_json(config.data.dev_file)}
   assert set(predictions) == set(nbest) == questions
   assert all(len(v) <= 20 for v in nbest.values())
+
+
+@pytest.mark.skipif(not POLARITY.exists(), reason="needs ../shared/data/glue_format/polarity")
+def test_test_split_gets_its_leaderboard_file_and_a_rerun_skips_finished_seeds(pretrained,
+                                                                               tmp_path):
+  _, workdir = pretrained
+  task_dir = tmp_path / "SST-2"        # an SST-2 folder with a test.tsv, as the GLUE download has
+  task_dir.mkdir()
+  train = (POLARITY / "train.tsv").read_text().splitlines()
+  dev = (POLARITY / "dev.tsv").read_text().splitlines()
+  (task_dir / "train.tsv").write_text("\n".join(train[:201]) + "\n")
+  (task_dir / "dev.tsv").write_text("\n".join(dev[:101]) + "\n")
+  test_rows = [f"{i}\t{line.split(chr(9))[0]}" for i, line in enumerate(dev[101:151])]
+  (task_dir / "test.tsv").write_text("index\tsentence\n" + "\n".join(test_rows) + "\n")
+  config = _finetune_config(workdir, **{"data.dir": str(task_dir), "seeds": 2})
+  results = ft_train.run(config, str(tmp_path / "ft"))
+  rows = (tmp_path / "ft" / "seed_1" / "SST-2.tsv").read_text().splitlines()
+  assert rows[0] == "index\tprediction" and len(rows) == 51
+  assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(50)]
+  assert {r.split("\t")[1] for r in rows[1:]} <= {"0", "1"}
+  assert json.loads((tmp_path / "ft" / "seed_1" / "results.json").read_text())["files"] == [
+      "dev_predictions.tsv", "SST-2.tsv"]
+
+  finished = tmp_path / "ft" / "seed_0" / "results.json"
+  before = finished.stat().st_mtime_ns
+  again = ft_train.run(config, str(tmp_path / "ft"))
+  assert again["summary"] == results["summary"] and finished.stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(not QUOREF.exists(), reason="needs ../shared/data/squad_format")
+def test_squad_v2_searches_the_null_threshold(pretrained, tmp_path):
+  """quoref made into v2.0 data: every third question loses its answers (is_impossible)."""
+  _, workdir = pretrained
+  for split in ("train", "dev"):
+    data = json.loads((QUOREF / f"quoref_{split}.json").read_text())
+    data["version"] = "v2.0"
+    k = 0
+    for article in data["data"]:
+      for paragraph in article["paragraphs"]:
+        for qa in paragraph["qas"]:
+          if k % 3 == 0:
+            qa.update(answers=[], is_impossible=True)
+          k += 1
+    (tmp_path / f"{split}.json").write_text(json.dumps(data))
+  config = squad_config("v2.0")
+  config.init_checkpoint = workdir
+  config.data.update(train_file=str(tmp_path / "train.json"), dev_file=str(tmp_path / "dev.json"),
+                     max_seq_length=32, doc_stride=16, max_query_length=8)
+  config.model.dtype = "float32"
+  config.train.update(batch_size=16, eval_batch_size=256, num_epochs=1.0, max_train_examples=16)
+  results = ft_train.run(config, str(tmp_path / "ft"))
+  metrics = results["runs"][0]["metrics"]
+  assert results["main_metric"] == "dev/best_f1"
+  assert {"dev/best_f1", "dev/best_f1_thresh", "dev/HasAns_f1", "dev/NoAns_f1"} <= set(metrics)
+  # The searched threshold can always fall back to "no answer" for every question: at least the
+  # no-answer share (a third) of the questions is then right.
+  assert metrics["dev/best_f1"] >= 100.0 * metrics["dev/NoAns_total"] / metrics["dev/total"] - 1e-6
+  out = tmp_path / "ft" / "seed_0"
+  predictions = json.loads((out / "predictions.json").read_text())
+  null_odds = json.loads((out / "null_odds.json").read_text())
+  assert set(predictions) == set(null_odds)
+  threshold = metrics["dev/best_f1_thresh"]
+  assert all((text == "") == (null_odds[q] > threshold) for q, text in predictions.items())
