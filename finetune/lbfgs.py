@@ -50,9 +50,10 @@ def fit(config, task, setup, params: dict[str, Any]) -> tuple[dict[str, Any], li
   if task.kind == "span":
     raise ValueError("optim.solver='lbfgs' needs a sentence task (classification or regression), "
                      f"not the span task {config.task!r}")
+  if jax.process_count() > 1:
+    raise ValueError("optim.solver='lbfgs' runs in one process (the features are gathered on the "
+                     "host); use optim.solver='gradient' for multi-host runs")
   train = task.train_features()
-  if config.train.max_train_examples:
-    train = {k: v[:config.train.max_train_examples] for k, v in train.items()}
   layers = pooled_layer_features(setup, params, train, config.train.eval_batch_size,
                                  config.head.feature_pooling)
   batch = {k: jnp.asarray(train[k]) for k in task.label_keys}

@@ -15,7 +15,6 @@ GLUE sentences contain stray quote characters that a quoting reader would merge 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import posixpath
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from finetune import metrics as metrics_lib
+from finetune.tasks import tfds_source
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")   # google-research/bert's MNLI order
 _TFDS_NLI_LABELS = ("entailment", "neutral", "contradiction")  # TFDS glue/mnli's ClassLabel order
@@ -253,22 +253,7 @@ _TFDS_SPLITS = {"dev": "validation", "dev_matched": "validation_matched",
 
 
 def _tfds_records(name: str, split: str, data_dir: str | None):
-  """Records of a TFDS split as dicts of numpy values, with or without TensorFlow installed.
-
-  With TensorFlow, `tfds.load` reads any prepared format. Without it (a much smaller install),
-  `tfds.data_source` reads datasets prepared as ArrayRecord, and TFDS's mock data.
-  """
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError("read_tfds needs tensorflow_datasets: pip install tensorflow-datasets "
-                      "(and tensorflow to read datasets prepared as TFRecord)") from None
-  # Without TensorFlow, `import tensorflow_datasets` registers no dataset builders; ask for GLUE's.
-  import tensorflow_datasets.text.glue  # noqa: F401  pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("tensorflow") is not None:
-    return tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False))
-  source = tfds.data_source(name, split=split, data_dir=data_dir)
-  return (source[i] for i in range(len(source)))
+  return tfds_source.records(name, split, data_dir, "tensorflow_datasets.text.glue")
 
 
 def _as_text(value) -> str:

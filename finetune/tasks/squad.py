@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from finetune.tasks import squad_eval
+from finetune.tasks import tfds_source
 
 evaluate = squad_eval.evaluate   # the official metrics (squad_eval.py), here beside the rest
 
@@ -69,18 +70,12 @@ def read_squad_json(path: str) -> list[SquadExample]:
 
 def read_tfds(name: str, split: str, data_dir: str | None = None) -> list[SquadExample]:
   """The questions of TFDS `squad/v1.1` or `squad/v2.0` (`split`: "train", "validation", ...)."""
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(f"read_tfds({name!r}) needs tensorflow_datasets (pip install "
-                      "tensorflow-datasets tensorflow); or read the official JSON files with "
-                      "data.source='json'") from None
-
   def text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
   examples = []
-  for row in tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)):
+  rows = tfds_source.records(name, split, data_dir, "tensorflow_datasets.question_answering.squad")
+  for row in rows:
     impossible = bool(row.get("is_impossible", False))   # only squad/v2.0 has the feature
     answers = [] if impossible else [
         (text(t), int(s)) for t, s in zip(row["answers"]["text"], row["answers"]["answer_start"])]
