@@ -98,7 +98,8 @@ def load_pretrained(config: ml_collections.ConfigDict):
   elif pretrained is not None:
     tokenizer = pretrained.tokenizer()
   else:
-    raise ValueError("from scratch without a checkpoint needs --config.tokenizer=PATH")
+    raise ValueError("from scratch without a checkpoint needs --config.model_variant=VARIANT (a "
+                     "configs/pretrain.py variant) and --config.tokenizer=PATH")
   return pretrained, tokenizer
 
 

