@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pretrain.optim import clipped_optimizer
 from pretrain.optim import decay_mask as bert_decay_mask
 
 
@@ -145,16 +146,7 @@ def make_optimizer(optim: Mapping[str, Any], num_steps: int, num_layers: int,
   encoder in feature-extraction mode.
   """
   schedule = make_schedule(optim, num_steps)
-  common = dict(learning_rate=schedule, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
-                weight_decay=optim["weight_decay"], mask=decay_mask)
-  if optim["name"] == "adamw":
-    tx = optax.adamw(**common)
-  elif optim["name"] == "lamb":
-    tx = optax.lamb(**common)
-  else:
-    raise ValueError(f"optim.name={optim['name']!r}; choose 'adamw' or 'lamb'")
-  if optim["max_grad_norm"] > 0:
-    tx = optax.chain(optax.clip_by_global_norm(optim["max_grad_norm"]), tx)
+  tx = clipped_optimizer(optim, schedule, decay_mask)
   if not 0.0 < optim["layer_decay"] <= 1.0:
     raise ValueError(f"optim.layer_decay={optim['layer_decay']} must lie in (0, 1]")
   every = int(optim["unfreeze_every_steps"])

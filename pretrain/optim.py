@@ -50,11 +50,11 @@ def learning_rate_schedule(optim: Mapping[str, Any], num_train_steps: int) -> op
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def make_optimizer(optim: Mapping[str, Any], num_train_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = learning_rate_schedule(optim, num_train_steps)
+def clipped_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule, mask=decay_mask
+                      ) -> optax.GradientTransformation:
+  """Global-norm clipping (`max_grad_norm` > 0), then AdamW or LAMB with the weight-decay `mask`."""
   common = dict(learning_rate=schedule, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
-                weight_decay=optim["weight_decay"], mask=decay_mask)
+                weight_decay=optim["weight_decay"], mask=mask)
   if optim["name"] == "adamw":
     tx = optax.adamw(**common)
   elif optim["name"] == "lamb":
@@ -63,4 +63,10 @@ def make_optimizer(optim: Mapping[str, Any], num_train_steps: int
     raise ValueError(f"optim.name={optim['name']!r}; choose 'adamw' or 'lamb'")
   if optim["max_grad_norm"] > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim["max_grad_norm"]), tx)
-  return tx, schedule
+  return tx
+
+
+def make_optimizer(optim: Mapping[str, Any], num_train_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim, num_train_steps)
+  return clipped_optimizer(optim, schedule), schedule

@@ -74,7 +74,7 @@ def test_unknown_variant_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Overrides, in-process: the same flag definition as pretrain/__main__.py, on fresh FlagValues.
+# Overrides, in-process: the same flag definition as pretrain/cli.py, on fresh FlagValues.
 
 
 def _parse(*overrides, variant="demo"):
