@@ -43,6 +43,7 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
       dropout_rng="threefry",        # threefry | rbg | unsafe_rbg (cheaper masks, mesh-dependent)
       attention_dropout_impl="reference",  # reference | lean (bf16 probabilities kept for backward)
       logits_grad_dtype="float32",   # float32 | bfloat16 gradient into the logits' backward matmuls
+      mlm_gather="take",             # take | one_hot (a matmul: no scatter in the backward pass)
   ))
 
 

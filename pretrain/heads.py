@@ -30,10 +30,19 @@ class MLMHead(nnx.Module):
     self.vocab_size = config.vocab_size
     self.dtype = config.compute_dtype
     self.grad_dtype = config.logits_grad_dtype
+    self.gather = config.mlm_gather
 
   def __call__(self, sequence_output, positions, word_embeddings):
     """(batch, seq, hidden), (batch, predictions), (vocab, hidden) -> float32 logits."""
-    x = jnp.take_along_axis(sequence_output, positions[..., None].astype(jnp.int32), axis=1)
+    positions = positions.astype(jnp.int32)
+    if self.gather == "one_hot":
+      # The same rows as a batched one-hot matmul (exact: one nonzero term per output). Its
+      # backward is a matmul too, not the scatter-add of take_along_axis, whose (seq, ..., batch)
+      # operand layout the GPU profile saw XLA propagate through every layer (docs/benchmarks.md).
+      select = jax.nn.one_hot(positions, sequence_output.shape[1], dtype=sequence_output.dtype)
+      x = jnp.einsum("bps,bsh->bph", select, sequence_output)
+    else:
+      x = jnp.take_along_axis(sequence_output, positions[..., None], axis=1)
     x = self.layer_norm(self.activation(self.transform(x)))
     # float32 logits; with model.logits_grad_dtype="bfloat16" their gradient enters the two
     # backward matmuls (30k-wide) in bfloat16 instead of as float32 GEMMs.

@@ -40,6 +40,7 @@ class BertConfig:
   attention_dropout_impl: str = "reference"   # reference | lean (see SelfAttention)
   logits_grad_dtype: str = "float32"    # float32 | bfloat16: dtype of the float32 logits' gradient
                                         # fed to the backward matmuls (MLM decoder, attention scores)
+  mlm_gather: str = "take"              # take | one_hot: how the MLM head picks masked positions
 
   @classmethod
   def from_config(cls, model_config: Any) -> BertConfig:
@@ -63,7 +64,7 @@ class BertConfig:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla or cudnn")
     choices = dict(remat_policy=tuple(REMAT_POLICIES), dropout_rng=DROPOUT_RNGS,
                    attention_dropout_impl=("reference", "lean"),
-                   logits_grad_dtype=("float32", "bfloat16"))
+                   logits_grad_dtype=("float32", "bfloat16"), mlm_gather=("take", "one_hot"))
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {list(allowed)}")

@@ -1,6 +1,7 @@
 """The speed switches of `model.*` compute what the plain path computes (CPU, tiny model).
 
-- `scan_layers` and `remat_policy`: the same loss and gradients (float32, dropout on, same key).
+- `scan_layers`, `remat_policy` and `mlm_gather`: the same loss and gradients (float32, dropout on,
+  same key).
 - `attention_dropout_impl="lean"` and `logits_grad_dtype="bfloat16"`: the same loss (the forward
   pass is unchanged) and gradients within bfloat16 rounding.
 - `dropout_rng="rbg"`: other masks (so another loss with dropout), deterministic given the key,
@@ -62,11 +63,12 @@ def plain():
   return params, batch, float(loss), grads
 
 
-@pytest.mark.parametrize("scan, policy", [(True, "full"),
-                                          (False, "dots_with_no_batch_dims_saveable")])
-def test_scan_and_remat_same_loss_and_grads(plain, scan, policy):
+@pytest.mark.parametrize("scan, policy, gather", [(True, "full", "take"),
+                                                  (False, "dots_with_no_batch_dims_saveable",
+                                                   "one_hot")])
+def test_scan_remat_gather_same_loss_and_grads(plain, scan, policy, gather):
   params, batch, loss, grads = plain
-  config = dataclasses.replace(TINY, scan_layers=scan, remat_policy=policy)
+  config = dataclasses.replace(TINY, scan_layers=scan, remat_policy=policy, mlm_gather=gather)
   p = stack_layer_params(params, TINY.num_layers) if scan else params
   fast_loss, fast_grads = loss_and_grads(config, p, batch)
   if scan:

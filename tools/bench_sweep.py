@@ -61,9 +61,6 @@ PLANS = {
         "large512_d11_plain": {**LARGE512},
         "large512_d11_fast": {**LARGE512, **FAST},
         "base128_d11_fastbwd_threefry": {**BASE128, **FAST_BWD},
-        "base128_d11_rbg_only": {**BASE128, "model.dropout_rng": "rbg"},
-        "base128_d10_cudnn_fast": {**BASE128, **FAST, "model.attention_dropout": 0.0,
-                                   "model.attention_impl": "cudnn"},
         "base128_d00_cudnn_scan": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn",
                                    "model.scan_layers": True},
         # What cuDNN's fused attention with dropout would give (experiment only, see _HOOKS).
@@ -71,6 +68,35 @@ PLANS = {
                                            "hook": "cudnn_private_dropout"},
         "large512_d11_cudnn_dropout_expt": {**LARGE512, **FAST, "model.attention_impl": "cudnn",
                                             "hook": "cudnn_private_dropout"},
+    },
+    # the rows of docs/benchmarks.md: each table row plain and with the fast backward (threefry)
+    "table": {
+        "base128_d11_plain": {**BASE128},
+        "base128_d11_fastbwd": {**BASE128, **FAST_BWD},
+        "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
+        "large128_d11_plain": {**LARGE128},
+        "large128_d11_fastbwd": {**LARGE128, **FAST_BWD},
+        "large512_d11_plain": {**LARGE512},
+        "large512_d11_fastbwd": {**LARGE512, **FAST_BWD},
+    },
+    # cuDNN fused attention with dropout through jax's private module: its own process, because
+    # XLA 0.11.2 aborts (cuda_dnn.cc "local_device_ordinal") when the dropout graph is put in a
+    # command buffer; run it with XLA_FLAGS=--xla_gpu_enable_command_buffer= (baseline included).
+    "cudnn_dropout_expt": {
+        "base128_d11_fastbwd_nocmdbuf": {**BASE128, **FAST_BWD},
+        "base128_d11_cudnn_dropout_expt": {**BASE128, **FAST_BWD, "model.attention_impl": "cudnn",
+                                           "hook": "cudnn_private_dropout"},
+        "large512_d11_fastbwd_nocmdbuf": {**LARGE512, **FAST_BWD},
+        "large512_d11_cudnn_dropout_expt": {**LARGE512, **FAST_BWD, "model.attention_impl": "cudnn",
+                                            "hook": "cudnn_private_dropout"},
+    },
+    # is the MLM gather's scatter what puts activations in a batch-minor layout? (docs/benchmarks.md)
+    "gather_check": {
+        "base128_d11_plain": {**BASE128},
+        "base128_d11_onehot": {**BASE128, "model.mlm_gather": "one_hot"},
+        "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
+        "base128_d00_cudnn_onehot": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn",
+                                     "model.mlm_gather": "one_hot"},
     },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
         "tiny_plain": {"variant": "tiny", "train.global_batch_size": 8,
@@ -82,15 +108,24 @@ PLANS = {
     },
 }
 PEERS = {   # the peer runs once per (model, batch, sequence, dropout)
+    "table": ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
+              "large512_d11_plain"],
     "smoke": ["tiny_plain"],
     "issue6": ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
                "large512_d11_plain"],
 }
-PROFILES = {"issue6": ["base128_d00_cudnn_plain", "base128_d11_plain", "base128_d11_fast"],
+PROFILES = {"gather_check": ["base128_d11_onehot"],
+            "table": ["base128_d11_plain", "base128_d00_cudnn_plain", "base128_d11_fastbwd"],
+            "issue6": ["base128_d00_cudnn_plain", "base128_d11_plain", "base128_d11_fast"],
             "smoke": ["tiny_fast"]}
 # pairs whose loss at the same initial parameters, batch and key must be equal (same masks)
-SAME_LOSS = {"issue6": [("base128_d00_cudnn_plain", "base128_d00_cudnn_fast"),
+SAME_LOSS = {"gather_check": [("base128_d11_plain", "base128_d11_onehot"),
+                              ("base128_d00_cudnn_plain", "base128_d00_cudnn_onehot")],
+             "issue6": [("base128_d00_cudnn_plain", "base128_d00_cudnn_fast"),
                         ("base128_d11_plain", "base128_d11_fastbwd_threefry")],
+             "table": [("base128_d11_plain", "base128_d11_fastbwd"),
+                       ("large128_d11_plain", "large128_d11_fastbwd"),
+                       ("large512_d11_plain", "large512_d11_fastbwd")],
              "smoke": [("tiny_plain", "tiny_fastbwd")]}
 
 
@@ -169,7 +204,7 @@ def main(argv):
           + [f"--runs={json.dumps(runs)}", f"--steps={_STEPS.value}",
              f"--compile={int(_PEER_COMPILE.value)}"],
           os.path.join(out, "results.jsonl"), lock, ready, ours_ready, wait_s=_WAIT.value,
-          log_path=os.path.join(out, "peer_log.txt" if i == 0 else f"peer_log{i}.txt")))
+          log_path=os.path.join(out, "peer_log.txt")))
   if not peers:
     lock = None
 
@@ -210,7 +245,7 @@ def main(argv):
         with jax.set_mesh(p.mesh):
           initial_states[layout] = p.setup.init(p.config.seed)
       results[name] = benchmark.time_prepared(p, _STEPS.value, _WARMUP.value, lock,
-                                              initial_states[layout])
+                                              initial_states[layout], benchmark._WINDOW.value)  # pylint: disable=protected-access
       results[name]["peer_still_compiling"] = not peer_ready
       log(out, results[name])
     except Exception as e:  # pylint: disable=broad-except

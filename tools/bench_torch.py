@@ -6,8 +6,8 @@
 The peer as issue 6 defines it: `BertForPreTraining` (float32 parameters, bfloat16 autocast,
 `attn_implementation="sdpa"`, `torch.compile`, fused AdamW), the same global batch, sequence length,
 masked positions and dropout as ours, on the same synthetic batch (`pretrain.synthetic`: MLM labels
-are -100 except at the masked positions). Like ours it is timed after compilation and warm-up, one
-step at a time between device synchronisations, and reported as the median over the timed steps.
+are -100 except at the masked positions). Like ours it is timed after compilation and warm-up, in
+windows of `--window` steps between device synchronisations, reported as the median window's mean.
 
 `--lock=PATH` serialises the timed sections with another process (tools/bench_sweep.py runs ours
 and the peer side by side, compiling at the same time, timing one at a time). Only numpy, torch and
@@ -133,11 +133,12 @@ class Peer:
         self.step()
       self.sync()
       times = []
-      for _ in range(args.steps):
+      for _ in range(max(1, args.steps // args.window)):
         t0 = time.perf_counter()
-        loss = self.step()
+        for _ in range(args.window):
+          loss = self.step()
         self.sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / args.window)
     step_s = statistics.median(times)
     b = args.global_batch_size
     result = dict(
@@ -146,7 +147,8 @@ class Peer:
         masked_positions=args.max_predictions, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, compiled=bool(args.compile),
         compile_s=self.compile_s, step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3,
-        step_ms_max=max(times) * 1e3, timed_steps=len(times), seq_per_s=b / step_s,
+        step_ms_max=max(times) * 1e3, timed_steps=len(times) * args.window,
+        window=args.window, seq_per_s=b / step_s,
         first_loss=self.first_loss, last_loss=float(loss),
         other_side_compiling=other_side_compiling, torch_version=torch.__version__)
     if self.cuda:
@@ -195,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--window", type=int, default=5, help="steps between two device syncs")
   p.add_argument("--compile", type=int, default=1)
   p.add_argument("--lock", default=None, help="file lock shared with the other timed process")
   p.add_argument("--ready", default=None, help="touch this file once everything is compiled")

@@ -10,8 +10,10 @@ MFU is reported against the device's datasheet bf16 peak and against a bf16 matm
 here in the same run (`--matmul_size`), which is the ceiling a real step can approach.
 
 The step runs on one synthetic batch already on the devices, so the figures are the step alone; the
-input pipeline is not timed here. Each of `--steps` steps is timed on its own between device
-synchronisations, after compilation and `--warmup` steps; the figure is their median.
+input pipeline is not timed here. After compilation and `--warmup` steps, `--steps` steps are timed
+in windows of `--window` steps dispatched back to back with one device synchronisation at the end
+(as the training loop runs: it syncs only at log steps); the figure is the median window's mean.
+`--window=1` syncs after every step instead, which also counts the host's dispatch of each step.
 
 `--peer=torch` also runs transformers' BertForPreTraining on the same batch (tools/bench_torch.py,
 in a child process that compiles while ours compiles; the timed sections take turns under a file
@@ -42,6 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/pretrain.py:base", "Pretraining config and variant.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up); the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_WINDOW = flags.DEFINE_integer("window", 5, "Steps dispatched between two device syncs.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 8192, "N for the NxNxN bf16 matmul ceiling; 0 skips.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time this peer on the same batch.")
@@ -78,10 +81,12 @@ def measure_matmul_tflops(n: int, repeats: int = 10) -> float:
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
   times = []
-  for _ in range(repeats):
+  for _ in range(5):            # windows of back-to-back products: no per-call dispatch gap
     start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
+    for _ in range(repeats):
+      out = matmul(a, b)
+    out.block_until_ready()
+    times.append((time.perf_counter() - start) / repeats)
   return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
@@ -123,8 +128,8 @@ def compile_prepared(p: Prepared) -> Prepared:
 
 
 def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
-                  initial_state=None) -> dict:
-  """Runs `warmup` steps, then times `steps` steps one by one; returns the figures.
+                  initial_state=None, window: int = 5) -> dict:
+  """Runs `warmup` steps, then times `steps` steps in windows of `window`; returns the figures.
 
   `initial_state` (left untouched: the step gets a copy) saves re-initialising when several
   configurations share one parameter layout; by default `setup.init(config.seed)`.
@@ -145,11 +150,12 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
       state, metrics = p.compiled(state, p.batch)
     jax.block_until_ready(metrics)
     per_step = []
-    for _ in range(steps):
+    for _ in range(max(1, steps // window)):
       start = time.perf_counter()
-      state, metrics = p.compiled(state, p.batch)
+      for _ in range(window):
+        state, metrics = p.compiled(state, p.batch)
       jax.block_until_ready(metrics)
-      per_step.append(time.perf_counter() - start)
+      per_step.append((time.perf_counter() - start) / window)
     loss = float(metrics["loss"])
     del state
 
@@ -168,7 +174,7 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
       logits_grad_dtype=m.logits_grad_dtype, grad_accum_steps=config.train.grad_accum_steps,
       optimizer=config.optim.name, mesh=dict(p.mesh.shape), compile_s=p.compile_s,
       step_ms=step_s * 1e3, step_ms_min=min(per_step) * 1e3, step_ms_max=max(per_step) * 1e3,
-      timed_steps=len(per_step), seq_per_s=b / step_s, tokens_per_s=b * s / step_s,
+      timed_steps=len(per_step) * window, window=window, seq_per_s=b / step_s, tokens_per_s=b * s / step_s,
       gflops_per_seq=flops / 1e9, tflops_per_device=b * flops / step_s / 1e12 / n_dev,
       first_loss=first_loss, loss=loss, jax_version=jax.__version__)
   peak = perf.peak_tflops(result["device"])
@@ -281,10 +287,10 @@ def peer_args(config) -> list[str]:
 def start_peer(args: list[str], json_path: str, lock: str, ready: str, other_ready: str,
                wait_s: float, log_path: str | None = None) -> subprocess.Popen:
   """Starts tools/bench_torch.py in a child process (it never shares a process with jax)."""
-  cmd = [sys.executable, "-m", "tools.bench_torch", *args, f"--json={json_path}",
+  cmd = [sys.executable, "-m", "tools.bench_torch", *args, f"--window={_WINDOW.value}", f"--json={json_path}",
          f"--lock={lock}", f"--ready={ready}", f"--other_ready={other_ready}",
          f"--wait_s={wait_s}"]
-  out = open(log_path, "w", encoding="utf-8") if log_path else None   # pylint: disable=consider-using-with
+  out = open(log_path, "a", encoding="utf-8") if log_path else None   # pylint: disable=consider-using-with
   return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None)
 
 
@@ -333,7 +339,7 @@ def main(argv):
   if peer:
     open(paths["ours"], "w", encoding="utf-8").close()
     wait_for(paths["ready"], 300)
-  result = time_prepared(prepared, _STEPS.value, _WARMUP.value, lock)
+  result = time_prepared(prepared, _STEPS.value, _WARMUP.value, lock, window=_WINDOW.value)
   if _MATMUL.value:
     with gpu_lock(lock):
       result["matmul_tflops"] = measure_matmul_tflops(_MATMUL.value)
