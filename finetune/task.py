@@ -76,8 +76,13 @@ class GlueTask(Task):
     spec, data = spec or self.spec, self.config.data
     if data.source == "tfds":
       return glue.read_tfds(spec, split, data.tfds_data_dir or None)
-    return glue.read_glue(spec, data.dir if spec is self.spec else os.path.dirname(
-        data.dir.rstrip("/")), split)
+    if spec is self.spec:
+      return glue.read_glue(spec, data.dir, split)
+    # AX sits beside the task folders (GLUE_ROOT/diagnostic/): data.dir may be MNLI's or the root.
+    try:
+      return glue.read_glue(spec, data.dir, split)
+    except FileNotFoundError:
+      return glue.read_glue(spec, os.path.dirname(data.dir.rstrip("/")), split)
 
   def _features(self, examples) -> dict[str, np.ndarray]:
     return glue.make_features(examples, self.tokenizer, self.config.data.max_seq_length,

@@ -461,3 +461,21 @@ def test_write_predictions(tmp_path):
   assert (tmp_path / "QNLI.tsv").read_text() == "index\tprediction\n0\tnot_entailment\n"
   with pytest.raises(ValueError, match="2 predictions for 3 indices"):
     glue.write_predictions(tmp_path / "x.tsv", "rte", [0, 1, 2], [0, 1])
+
+
+@pytest.mark.parametrize("folder", ["MNLI", "."])
+def test_mnli_task_predicts_both_test_sets_and_ax(glue_root, folder):
+  """The fine-tuning loop's view of MNLI: two dev sets, and leaderboard files for test_matched,
+  test_mismatched and AX (found beside the task folder, or under the root given as data.dir)."""
+  from configs.glue import get_config  # pylint: disable=g-import-not-at-top
+  from finetune.task import make_task  # pylint: disable=g-import-not-at-top
+  config = get_config("mnli")
+  config.data.dir = str(glue_root / folder)
+  task = make_task(config, _WordTokenizer())
+  assert task.main_metric == "dev_matched/accuracy" and task.num_labels == 3
+  assert [s.name for s in task.eval_sets()] == ["dev_matched", "dev_mismatched"]
+  predict = task.predict_sets()
+  assert [s.name for s in predict] == ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+  ax = predict[-1]
+  assert ax.context == [e.guid for e in glue.read_glue("ax", glue_root, "test")]
+  assert ax.features["input_ids"].shape[0] == len(ax.context)
