@@ -238,10 +238,8 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
   writer = MetricsWriter(workdir)
   best = BestCheckpoint(os.path.join(workdir, "best"), task.main_metric) \
       if config.ckpt.keep_best else None
-  history, best_metrics, best_step = [], None, 0
+  history, best_metrics, best_step, best_outputs = [], None, 0, {}
   start_time = time.perf_counter()
-
-  best_outputs = {}
 
   def record(step, params):
     nonlocal best_metrics, best_step, best_outputs
@@ -266,12 +264,11 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
       train_features = task.train_features()
       keys = batches.INPUT_KEYS + task.label_keys
       stream = batches.train_batches(train_features, keys, train_cfg.batch_size, seed)
-      first = next(stream)
       steps_per_epoch = len(train_features["input_ids"]) // train_cfg.batch_size
       eval_every = train_cfg.eval_every_steps or steps_per_epoch
       progress = tqdm.tqdm(total=num_steps, desc=f"{config.task} seed {seed}", dynamic_ncols=True,
                            disable=jax.process_index() != 0, mininterval=2.0)
-      pending, batch = [], first
+      pending, batch = [], next(stream)
       for step in range(1, num_steps + 1):
         state, metrics = train_step(state, batches.to_global(batch, setup.mesh))
         pending.append(metrics)
