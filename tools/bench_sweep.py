@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 
 from tools import benchmark
+from tools import gpu_turns
 
 _PLAN = flags.DEFINE_string("plan", "issue6", "Which plan (PLANS below).")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_sweep", "Output directory.")
@@ -230,7 +231,7 @@ def main(argv):
         prepared.pop(name)
   open(ours_ready, "w", encoding="utf-8").close()
   deadline = t0 + _WAIT.value
-  peer_ready = all(benchmark.wait_for(f, max(1.0, deadline - time.time()))
+  peer_ready = all(gpu_turns.wait_for(f, max(1.0, deadline - time.time()))
                    for f in peer_ready_files)
   log(out, dict(event="timing", seconds=time.time() - t0, peer_ready=peer_ready))
 
@@ -250,7 +251,7 @@ def main(argv):
       log(out, results[name])
     except Exception as e:  # pylint: disable=broad-except
       log(out, dict(name=name, stage="time", error=f"{type(e).__name__}: {e}"[:3000]))
-  with benchmark.gpu_lock(lock):
+  with gpu_turns.gpu_lock(lock):
     log(out, dict(event="matmul", matmul_tflops=benchmark.measure_matmul_tflops(8192)))
   for a, b in SAME_LOSS.get(_PLAN.value, []):
     if a in results and b in results:

@@ -17,8 +17,6 @@ transformers are needed; jax is never imported here.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import statistics
@@ -27,35 +25,10 @@ import time
 
 import numpy as np
 
+from tools.gpu_turns import gpu_lock, wait_for
+
 SIZES = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
          "base": (12, 768, 12), "large": (24, 1024, 16)}
-
-
-@contextlib.contextmanager
-def gpu_lock(path: str | None):
-  """An exclusive lock around a timed section (no-op without a path)."""
-  if not path:
-    yield
-    return
-  with open(path, "a+", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-  time.sleep(0.3)   # let a waiting process take its turn
-
-
-def wait_for(path: str | None, timeout_s: float) -> bool:
-  """Waits until `path` exists (the other side finished compiling); False on timeout."""
-  if not path:
-    return True
-  deadline = time.time() + timeout_s
-  while time.time() < deadline:
-    if os.path.exists(path):
-      return True
-    time.sleep(0.5)
-  return False
 
 
 def torch_batch(batch: dict[str, np.ndarray], vocab_size: int, device):

@@ -24,7 +24,6 @@ tools/bench_sweep.py runs many configurations (and their peers) this way in one 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import json
@@ -40,6 +39,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tools.gpu_turns import gpu_lock, wait_for
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/pretrain.py:base", "Pretraining config and variant.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up); the median is reported.")
@@ -54,22 +55,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------ timing
-
-
-@contextlib.contextmanager
-def gpu_lock(path: str | None):
-  """An exclusive file lock around a timed section, shared with a peer process (no-op if None)."""
-  if not path:
-    yield
-    return
-  import fcntl  # pylint: disable=g-import-not-at-top
-  with open(path, "a+", encoding="utf-8") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-  time.sleep(0.3)   # let a waiting process take its turn
 
 
 def measure_matmul_tflops(n: int, repeats: int = 10) -> float:
@@ -299,15 +284,6 @@ def read_jsonl(path: str) -> list[dict]:
     return []
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def wait_for(path: str, timeout_s: float) -> bool:
-  deadline = time.time() + timeout_s
-  while time.time() < deadline:
-    if os.path.exists(path):
-      return True
-    time.sleep(0.5)
-  return False
 
 
 # -------------------------------------------------------------------------------------- main
