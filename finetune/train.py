@@ -33,7 +33,7 @@ from finetune import heads
 from finetune import lbfgs
 from finetune import pretrained as pretrained_lib
 from finetune.optim import make_optimizer
-from finetune.task import EvalSet, Task, make_task
+from finetune.task import Task, make_task
 from pretrain import sharding
 from pretrain.layers import BertConfig
 from pretrain.logs import MetricsWriter, write_text
@@ -55,9 +55,6 @@ class Setup:
 
   def apply(self, params, batch, key=None):
     return nnx.merge(self.graphdef, params)(batch, key)
-
-  def model(self, params) -> heads.TaskModel:
-    return nnx.merge(self.graphdef, params)
 
 
 # ------------------------------------------------------------------------------------------------
