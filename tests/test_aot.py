@@ -107,3 +107,17 @@ def test_find_max_batch_search(monkeypatch, true_max, compiler_oom_above):
                                            log=lambda line: None)
   assert best["per_chip_batch"] == true_max // 8 * 8, [r["per_chip_batch"] for r in tried]
   assert len(tried) <= 8, [r["per_chip_batch"] for r in tried]
+
+  # Continuing a bracket from earlier compiles: no probe repeats a known batch or leaves the
+  # bracket, and the answer is the same (or the known fit itself when nothing above it fits).
+  lo, hi = max(8, true_max // 8 * 8 - 64), true_max // 8 * 8 + 96
+  written = []
+  best, tried = aot_compile.find_max_batch(_tiny(), topology, multiple=8, known_fit=lo,
+                                           known_no_fit=hi, on_probe=lambda t: written.append(
+                                               len(t)), log=lambda line: None)
+  probes = [r["per_chip_batch"] for r in tried]
+  assert best["per_chip_batch"] == true_max // 8 * 8, probes
+  assert all(lo < p < hi for p in probes), probes
+  assert written == list(range(1, len(tried) + 1))
+  if true_max == 8:
+    assert "note" in best         # never compiled here: the earlier compile is the answer

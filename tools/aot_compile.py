@@ -262,8 +262,15 @@ def _per_chip_unit(config, n: int, multiple: int) -> int:
 
 def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int = 8,
                    max_per_chip: int = 4096, usable_fraction: float = 0.95,
-                   log=print) -> tuple[dict | None, list[dict]]:
+                   known_fit: int | None = None, known_no_fit: int | None = None,
+                   on_probe=None, log=print) -> tuple[dict | None, list[dict]]:
   """Largest per-chip batch that fits: doubling, then bisection, in steps of `unit` per chip.
+
+  `known_fit` / `known_no_fit` continue an earlier search's bracket (per-chip batches already
+  compiled: one that fits, one that does not) without compiling them again; the answer is then
+  `known_fit` itself when nothing above it fits (its report says it was not compiled here).
+  `on_probe(tried)` runs after every compile (the CLI rewrites its JSON there, so a search stopped
+  half way keeps its probes).
 
   Each probe is a full TPU compile (minutes for base/large on a small CPU), so a probe is placed
   where a straight line through the fitting probes' totals (memory = fixed + per-sequence x batch)
@@ -283,6 +290,8 @@ def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int 
     report = compile_report(trial, topology, devices, usable_fraction)
     log(_one_line(report))
     tried.append(report)
+    if on_probe is not None:
+      on_probe(tried)
     return report
 
   def predicted() -> int | None:
@@ -293,7 +302,7 @@ def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int 
     if len(fits) == 1:                # temp counts some batch-independent buffers: an underestimate
       (b, total), = fits
       fixed = total - tried[[int(r["per_chip_batch"]) for r in tried].index(b)]["temp_gib"]
-      slope = (total - fixed) / b
+      slope = (total - fixed) / b if b else 0.0
     else:
       (b0, t0), (b, total) = fits[-2], fits[-1]
       slope = (total - t0) / (b - b0)
@@ -303,7 +312,19 @@ def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int 
 
   lo, hi, best = 0, None, None
   per_chip = max(unit, start // unit * unit)
-  while per_chip <= max_per_chip:                              # doubling
+  if known_fit is not None:
+    if known_fit % unit:
+      raise ValueError(f"known_fit={known_fit} is not a multiple of the search's step {unit}")
+    lo = known_fit
+    best = dict(per_chip_batch=known_fit, global_batch=known_fit * n, verdict="FITS",
+                topology=topology.name, note="known to fit from an earlier compile; not "
+                "compiled in this search")
+    per_chip = max(per_chip, known_fit + unit)
+  if known_no_fit is not None:
+    if known_fit is None or known_no_fit <= known_fit:
+      raise ValueError("known_no_fit needs a smaller known_fit")
+    hi = known_no_fit
+  while hi is None and per_chip <= max_per_chip:               # doubling
     report = attempt(per_chip)
     if report["verdict"] != "FITS":
       hi = per_chip
@@ -340,6 +361,11 @@ def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int 
   return best, tried
 
 
+def _search_json(tried: list[dict], best: dict | None, path: str) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(dict(best=best, tried=tried), f, indent=2)
+
+
 def _one_line(r: dict) -> str:
   figures = (f"total {r['total_gib']:.2f} GiB" if "total_gib" in r else "compiler OOM")
   return (f"  per-chip batch {r['per_chip_batch']:g} (global {r['global_batch']}): {figures} of "
@@ -359,8 +385,8 @@ def format_report(r: dict) -> str:
   if r.get("compiler_oom"):
     lines.append(f"  the TPU compiler ran out of HBM: {r['compiler_message']}")
   if r.get("compiler_oom") and "total_gib" in r:
-    lines.append(f"  {'required':<16}{r['total_gib']:>10.3f}   (the compiler's figure; it allows "
-                 f"{r['compiler_limit_gib']:.2f})")
+    lines.append(f"  {'required':<16}{r['total_gib']:>10.3f}   (the compiler's figure for HLO "
+                 f"temporaries alone; it allows {r['compiler_limit_gib']:.2f})")
   elif "total_gib" in r:
     lines.append(f"  {'total':<16}{r['total_gib']:>10.3f}   (argument + output - alias + temp + "
                  f"code)")
@@ -386,16 +412,20 @@ def main(argv):
     print(f"searching the largest per-chip batch for {config.variant} at seq "
           f"{config.data.max_seq_length} on {topology.name}:", flush=True)
     log = functools.partial(print, flush=True)    # each probe is minutes: show it at once
+    on_probe = None
+    if _JSON.value:                   # keep every probe even if the search is stopped half way
+      on_probe = functools.partial(_search_json, best=None, path=_JSON.value)
     best, tried = find_max_batch(
         config, topology, start=_START.value, multiple=_MULTIPLE.value,
-        max_per_chip=_MAX_PER_CHIP.value, usable_fraction=_USABLE.value, log=log)
+        max_per_chip=_MAX_PER_CHIP.value, usable_fraction=_USABLE.value,
+        known_fit=_KNOWN_FIT.value, known_no_fit=_KNOWN_NO_FIT.value, on_probe=on_probe, log=log)
     if best is None:
       print(f"even per-chip batch {tried[0]['per_chip_batch']:g} does not fit")
       result: Any = dict(best=None, tried=tried)
     else:
       print(f"\nlargest per-chip batch that fits: {best['per_chip_batch']:g} (global "
             f"{best['global_batch']})\n")
-      print(format_report(best))
+      print(best["note"] if "note" in best else format_report(best))
       result = dict(best=best, tried=tried)
   else:
     result = compile_report(config, topology, usable_fraction=_USABLE.value)
@@ -408,6 +438,7 @@ def main(argv):
 def _define_flags():
   """The command line's flags, defined only when run as a program (tests import this module)."""
   global _CONFIG, _TOPOLOGY, _FIND_MAX, _START, _MULTIPLE, _MAX_PER_CHIP, _USABLE, _JSON
+  global _KNOWN_FIT, _KNOWN_NO_FIT
   _CONFIG = config_flags.DEFINE_config_file(
       "config", "configs/pretrain.py:base", "Pretraining config and variant.", lock_config=True)
   _TOPOLOGY = flags.DEFINE_string(
@@ -419,6 +450,12 @@ def _define_flags():
   _START = flags.DEFINE_integer("start_per_chip_batch", 8, "First per-chip batch of the search.")
   _MULTIPLE = flags.DEFINE_integer("batch_multiple", 8, "Granularity of the search, per chip.")
   _MAX_PER_CHIP = flags.DEFINE_integer("max_per_chip_batch", 4096, "Upper bound of the search.")
+  _KNOWN_FIT = flags.DEFINE_integer(
+      "known_fit", None, "Continue a bracket: a per-chip batch an earlier compile found to fit "
+      "(not compiled again; the search starts above it).")
+  _KNOWN_NO_FIT = flags.DEFINE_integer(
+      "known_no_fit", None, "Continue a bracket: a per-chip batch an earlier compile found not to "
+      "fit (needs --known_fit); the search bisects between the two.")
   _USABLE = flags.DEFINE_float(
       "usable_fraction", 0.95, "Fraction of the chip's HBM a step may use; the TPU runtime keeps "
       "the rest (program, runtime buffers).")
