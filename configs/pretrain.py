@@ -41,7 +41,7 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
       scan_layers=False,             # one lax.scan over stacked layers: params get a layer axis
       remat_policy="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       dropout_rng="threefry",        # threefry | rbg | unsafe_rbg (cheaper masks, mesh-dependent)
-      attention_dropout_impl="reference",  # reference | lean (bf16 probabilities kept for backward)
+      attention_dropout_impl="fused",  # fused (GPU kernel, hashed masks) | reference | lean
       logits_grad_dtype="float32",   # float32 | bfloat16 gradient into the logits' backward matmuls
       mlm_gather="take",             # take | one_hot (a matmul: no scatter in the backward pass)
   ))

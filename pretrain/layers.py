@@ -37,7 +37,7 @@ class BertConfig:
   scan_layers: bool = False             # one jax.lax.scan over stacked layers (see model.py)
   remat_policy: str = "none"            # none | full | dots_saveable | dots_with_no_batch_dims_saveable
   dropout_rng: str = "threefry"         # threefry (the key as given) | rbg | unsafe_rbg
-  attention_dropout_impl: str = "reference"   # reference | lean (see SelfAttention)
+  attention_dropout_impl: str = "fused"       # fused | reference | lean (see SelfAttention)
   logits_grad_dtype: str = "float32"    # float32 | bfloat16: dtype of the float32 logits' gradient
                                         # fed to the backward matmuls (MLM decoder, attention scores)
   mlm_gather: str = "take"              # take | one_hot: how the MLM head picks masked positions
@@ -63,7 +63,7 @@ class BertConfig:
     if self.attention_impl not in ("auto", "xla", "cudnn"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla or cudnn")
     choices = dict(remat_policy=tuple(REMAT_POLICIES), dropout_rng=DROPOUT_RNGS,
-                   attention_dropout_impl=("reference", "lean"),
+                   attention_dropout_impl=("reference", "lean", "fused"),
                    logits_grad_dtype=("float32", "bfloat16"), mlm_gather=("take", "one_hot"))
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:

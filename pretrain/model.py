@@ -17,7 +17,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from pretrain import sharding
+from pretrain import attention, sharding
 from pretrain.heads import MLMHead, NSPHead
 from pretrain.layers import (REMAT_POLICIES, BertConfig, Dense, LayerNorm, activation, dropout,
                              dropout_key, einsum_f32_out, keep_mask, normal_init, param,
@@ -84,8 +84,12 @@ class SelfAttention(nnx.Module):
 
     `model.attention_dropout_impl`: "reference" differentiates softmax and dropout by plain
     autodiff (float32 probabilities kept for the backward pass); "lean" computes the same forward
-    values through `layers.softmax_dropout`, whose backward keeps bfloat16 probabilities.
+    values through `layers.softmax_dropout`, whose backward keeps bfloat16 probabilities; "fused"
+    runs `pretrain.attention`'s Pallas kernel on GPUs (its jax.numpy twin elsewhere), whose masks
+    are hashed from the key rather than drawn with threefry (other masks, same distribution).
     """
+    if self.dropout_impl == "fused":
+      return attention.dropout_attention(q, k, v, lengths, key, self.dropout_rate)
     scale = q.shape[-1] ** -0.5
     logits = einsum_f32_out("bqnd,bknd->bnqk", q, k, self.grad_dtype) * scale
     valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]            # (batch, key)

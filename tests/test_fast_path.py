@@ -26,7 +26,7 @@ from pretrain.synthetic import SyntheticSource
 
 TINY = BertConfig(vocab_size=250, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                   max_position_embeddings=32, dtype="float32", hidden_dropout=0.1,
-                  attention_dropout=0.1)
+                  attention_dropout=0.1, attention_dropout_impl="reference")
 KEY = jax.random.key(7)
 
 
