@@ -39,15 +39,20 @@ _PEER_PROCS = flags.DEFINE_integer("peer_procs", 2, "Peer processes compiling si
 _DEADLINE = flags.DEFINE_float("deadline_s", 1e9, "Skip what is left after this many seconds.")
 _WAIT = flags.DEFINE_float("peer_wait_s", 240, "Longest wait for the other side's compilation.")
 
+# The rows' shapes, with XLA's explicit attention and threefry dropout masks (the "plain" path).
+PLAIN = {"model.attention_dropout_impl": "reference"}
 BASE128 = {"variant": "base", "train.global_batch_size": 256, "data.max_seq_length": 128,
-           "data.max_predictions_per_seq": 20}
+           "data.max_predictions_per_seq": 20, **PLAIN}
 LARGE128 = {"variant": "large", "train.global_batch_size": 128, "data.max_seq_length": 128,
-            "data.max_predictions_per_seq": 20}
+            "data.max_predictions_per_seq": 20, **PLAIN}
 LARGE512 = {"variant": "large", "train.global_batch_size": 32, "data.max_seq_length": 512,
-            "data.max_predictions_per_seq": 76}
+            "data.max_predictions_per_seq": 76, **PLAIN}
+TINY32 = {"variant": "tiny", "train.global_batch_size": 8, "data.max_seq_length": 32,
+          "data.max_predictions_per_seq": 5, **PLAIN}
 NO_DROPOUT = {"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
 FAST_BWD = {"model.logits_grad_dtype": "bfloat16", "model.attention_dropout_impl": "lean"}
 FAST = {**FAST_BWD, "model.dropout_rng": "rbg"}
+FUSED = {"model.attention_dropout_impl": "fused", "model.logits_grad_dtype": "bfloat16"}
 
 # name -> overrides of configs/pretrain.py:VARIANT; listed in the order they are timed.
 PLANS = {
@@ -70,8 +75,19 @@ PLANS = {
         "large512_d11_cudnn_dropout_expt": {**LARGE512, **FAST, "model.attention_impl": "cudnn",
                                             "hook": "cudnn_private_dropout"},
     },
-    # the rows of docs/benchmarks.md: each table row plain and with the fast backward (threefry)
+    # the rows of docs/benchmarks.md: each row with the fused attention kernel and plain
     "table": {
+        "base128_d11_fused": {**BASE128, **FUSED},
+        "base128_d11_plain": {**BASE128},
+        "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
+        "large128_d11_fused": {**LARGE128, **FUSED},
+        "large128_d11_plain": {**LARGE128},
+        "large512_d11_fused": {**LARGE512, **FUSED},
+        "large512_d11_plain": {**LARGE512},
+        "base128_d11_fused_twin": {**BASE128, **FUSED, "hook": "fused_twin"},
+    },
+    # the table of 2026-11-22 (before the fused kernel): plain and the fast backward (threefry)
+    "table_1122": {
         "base128_d11_plain": {**BASE128},
         "base128_d11_fastbwd": {**BASE128, **FAST_BWD},
         "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
@@ -99,16 +115,34 @@ PLANS = {
         "base128_d00_cudnn_onehot": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn",
                                      "model.mlm_gather": "one_hot"},
     },
+    # the Pallas attention kernel with hashed dropout (pretrain/attention.py) against the table's
+    # paths; "_twin" runs the same model with the kernel's jax.numpy twin (same masks)
+    "fused": {
+        "base128_d11_fused": {**BASE128, **FUSED},
+        "base128_d11_fused_twin": {**BASE128, **FUSED, "hook": "fused_twin"},
+        "base128_d11_fastbwd": {**BASE128, **FAST_BWD},
+        "base128_d11_plain": {**BASE128},
+        "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
+        "large128_d11_fused": {**LARGE128, **FUSED},
+        "large128_d11_fastbwd": {**LARGE128, **FAST_BWD},
+        "large128_d11_plain": {**LARGE128},
+        "large512_d11_fused": {**LARGE512, **FUSED},
+        "large512_d11_fused_twin": {**LARGE512, **FUSED, "hook": "fused_twin"},
+        "large512_d11_fastbwd": {**LARGE512, **FAST_BWD},
+        "large512_d11_plain": {**LARGE512},
+    },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
-        "tiny_plain": {"variant": "tiny", "train.global_batch_size": 8,
-                       "data.max_seq_length": 32, "data.max_predictions_per_seq": 5},
-        "tiny_fast": {"variant": "tiny", "train.global_batch_size": 8, "data.max_seq_length": 32,
-                      "data.max_predictions_per_seq": 5, **FAST},
-        "tiny_fastbwd": {"variant": "tiny", "train.global_batch_size": 8,
-                         "data.max_seq_length": 32, "data.max_predictions_per_seq": 5, **FAST_BWD},
+        "tiny_plain": {**TINY32},
+        "tiny_fast": {**TINY32, **FAST},
+        "tiny_fastbwd": {**TINY32, **FAST_BWD},
+        "tiny_fused_twin": {**TINY32, **FUSED, "hook": "fused_twin"},
     },
 }
 PEERS = {   # the peer runs once per (model, batch, sequence, dropout)
+    "table_1122": ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
+                   "large512_d11_plain"],
+    "fused": ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
+              "large512_d11_plain"],
     "table": ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
               "large512_d11_plain"],
     "smoke": ["tiny_plain"],
@@ -116,15 +150,22 @@ PEERS = {   # the peer runs once per (model, batch, sequence, dropout)
                "large512_d11_plain"],
 }
 PROFILES = {"gather_check": ["base128_d11_onehot"],
-            "table": ["base128_d11_plain", "base128_d00_cudnn_plain", "base128_d11_fastbwd"],
+            "table_1122": ["base128_d11_plain", "base128_d00_cudnn_plain", "base128_d11_fastbwd"],
+            "fused": ["base128_d11_fused", "base128_d00_cudnn_plain", "large512_d11_fused",
+                      "large128_d11_fused"],
+            "table": ["large512_d11_fused", "base128_d11_fused"],
             "issue6": ["base128_d00_cudnn_plain", "base128_d11_plain", "base128_d11_fast"],
             "smoke": ["tiny_fast"]}
 # pairs whose loss at the same initial parameters, batch and key must be equal (same masks)
-SAME_LOSS = {"gather_check": [("base128_d11_plain", "base128_d11_onehot"),
+SAME_LOSS = {"fused": [("base128_d11_fused", "base128_d11_fused_twin"),
+                       ("large512_d11_fused", "large512_d11_fused_twin"),
+                       ("base128_d11_plain", "base128_d11_fastbwd")],
+             "gather_check": [("base128_d11_plain", "base128_d11_onehot"),
                               ("base128_d00_cudnn_plain", "base128_d00_cudnn_onehot")],
              "issue6": [("base128_d00_cudnn_plain", "base128_d00_cudnn_fast"),
                         ("base128_d11_plain", "base128_d11_fastbwd_threefry")],
-             "table": [("base128_d11_plain", "base128_d11_fastbwd"),
+             "table": [("base128_d11_fused", "base128_d11_fused_twin")],
+             "table_1122": [("base128_d11_plain", "base128_d11_fastbwd"),
                        ("large128_d11_plain", "large128_d11_fastbwd"),
                        ("large512_d11_plain", "large512_d11_fastbwd")],
              "smoke": [("tiny_plain", "tiny_fastbwd")]}
@@ -144,23 +185,37 @@ def _cudnn_private_dropout(self, q, k, v, lengths, key):
       mask_type=fa.MaskType.PADDING, dropout_rate=self.dropout_rate, qkv_layout="BTNH")
 
 
-_HOOKS = {"cudnn_private_dropout": ("_attention_with_dropout", _cudnn_private_dropout)}
+def _hooks():
+  """name -> (object, attribute, replacement) patched while a configuration is traced."""
+  from pretrain import attention  # pylint: disable=g-import-not-at-top
+  from pretrain.model import SelfAttention  # pylint: disable=g-import-not-at-top
+  kernel_path = attention.dropout_attention
+  twin = lambda *args, **kw: kernel_path(*args, **{**kw, "use_kernel": False})  # noqa: E731
+  return {"cudnn_private_dropout": (SelfAttention, "_attention_with_dropout",
+                                    _cudnn_private_dropout),
+          "fused_twin": (attention, "dropout_attention", twin)}
 
 
 def prepare_with_hook(name: str, overrides: dict):
-  """benchmark.prepare, with SelfAttention patched while tracing if the overrides name a hook."""
-  from pretrain.model import SelfAttention  # pylint: disable=g-import-not-at-top
+  """benchmark.prepare, with the model patched while tracing if the overrides name a hook."""
   overrides = dict(overrides)
   hook = overrides.pop("hook", None)
   if hook is None:
     return benchmark.prepare(make_config(overrides), name)
-  attr, fn = _HOOKS[hook]
-  original = getattr(SelfAttention, attr)
-  setattr(SelfAttention, attr, fn)
+  obj, attr, fn = _hooks()[hook]
+  original = getattr(obj, attr)
+  setattr(obj, attr, fn)
   try:
     return benchmark.prepare(make_config(overrides), name)
   finally:
-    setattr(SelfAttention, attr, original)
+    setattr(obj, attr, original)
+
+
+def _same_shape(a: dict, b: dict) -> bool:
+  """Same model, batch, sequence, masked positions and dropout: the peer's row."""
+  keys = ("variant", "train.global_batch_size", "data.max_seq_length",
+          "data.max_predictions_per_seq", "model.hidden_dropout", "model.attention_dropout")
+  return all(a.get(k) == b.get(k) for k in keys)
 
 
 def make_config(overrides: dict):
@@ -191,17 +246,19 @@ def main(argv):
   os.makedirs(sync_dir, exist_ok=True)
   lock, ours_ready = os.path.join(sync_dir, "lock"), os.path.join(sync_dir, "ours")
   peers, peer_ready_files = [], []
-  peer_names = [n for n in PEERS.get(_PLAN.value, []) if n in plan and not _NO_PEER.value]
+  full_plan = PLANS[_PLAN.value]      # peers run for the plan's rows even when --only skips them
+  peer_names = [n for n in PEERS.get(_PLAN.value, []) if n in full_plan and not _NO_PEER.value
+                and any(_same_shape(full_plan[n], plan[m]) for m in plan)]
   if peer_names:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     n_procs = max(1, min(_PEER_PROCS.value, len(peer_names)))
     for i in range(n_procs):        # each child compiles its share of the peer models in turn
       names = peer_names[i::n_procs]
-      runs = [benchmark.peer_overrides(make_config(plan[name])) for name in names]
+      runs = [benchmark.peer_overrides(make_config(full_plan[name])) for name in names]
       ready = os.path.join(sync_dir, f"peer{i}")
       peer_ready_files.append(ready)
       peers.append(benchmark.start_peer(
-          benchmark.peer_args(make_config(plan[names[0]]))
+          benchmark.peer_args(make_config(full_plan[names[0]]))
           + [f"--runs={json.dumps(runs)}", f"--steps={_STEPS.value}",
              f"--compile={int(_PEER_COMPILE.value)}"],
           os.path.join(out, "results.jsonl"), lock, ready, ours_ready, wait_s=_WAIT.value,

@@ -1,0 +1,125 @@
+"""Attention with probability dropout, forward + backward, alone: the fused kernel against XLA.
+
+  python -m tools.bench_attention [--shapes=256x128x12x64,32x512x16x64] [--blocks=64,128,64,4,4;...]
+
+For each (batch x seq x heads x head_dim) shape, in bfloat16 with dropout 0.1 and real padding
+(lengths from seq/2 to seq): first the kernel is checked against its jax.numpy twin
+(`pretrain.attention.reference_attention`, same hashed masks) on the same inputs, output and
+gradients; then the median time of one forward + backward over windows of back-to-back calls
+(one device sync per window) for XLA's paths (the model's "reference" and "lean" dropout, threefry
+masks; the hashed-mask twin) and the kernel at every block setting. GPU only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from pretrain import attention
+from pretrain.model import SelfAttention
+
+_SHAPES = flags.DEFINE_list("shapes", ["256x128x12x64", "128x128x16x64", "32x512x16x64"],
+                            "batch x seq x heads x head_dim")
+_BLOCKS = flags.DEFINE_string(
+    "blocks", "64,128,64,4,4;128,128,64,8,4;64,64,64,4,4;32,128,32,4,4;64,128,128,4,8",
+    "Kernel settings to time, ';'-separated: fwd block_q, fwd block_k, bwd block, fwd warps, "
+    "bwd warps.")
+_RATE = flags.DEFINE_float("rate", 0.1, "Attention dropout.")
+_NO_DROPOUT_TOO = flags.DEFINE_bool(
+    "no_dropout_too", False, "Also time the kernel at its first setting without dropout (no "
+    "hash): what the masks cost.")
+_WINDOWS = flags.DEFINE_integer("windows", 7, "Timing windows.")
+_CALLS = flags.DEFINE_integer("calls", 10, "Calls per window.")
+_JSON = flags.DEFINE_string("json", None, "Also append the results to this JSON-lines file.")
+
+
+def _time(fn, *args) -> float:
+  """Median seconds per call, windows of back-to-back calls, after compilation and warm-up."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(_WINDOWS.value):
+    start = time.perf_counter()
+    for _ in range(_CALLS.value):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / _CALLS.value)
+  return statistics.median(times)
+
+
+def _xla_path(impl: str, rate: float):
+  """The model's own explicit attention (`SelfAttention._attention_with_dropout`)."""
+  holder = type("Holder", (), {})()         # the three attributes the method reads
+  holder.dropout_rate, holder.dropout_impl, holder.grad_dtype = rate, impl, "bfloat16"
+  return lambda q, k, v, lengths, key: SelfAttention._attention_with_dropout(  # pylint: disable=protected-access
+      holder, q, k, v, lengths, key)
+
+
+def _fwd_bwd(f):
+  def loss(q, k, v, lengths, key, g):
+    return (f(q, k, v, lengths, key).astype(jnp.float32) * g).sum()
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def main(argv):
+  del argv
+  rate = _RATE.value
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  rows = []
+  for shape in _SHAPES.value:
+    b, s, n, d = (int(x) for x in shape.split("x"))
+    keys = jax.random.split(jax.random.key(0), 6)
+    q, k, v, g = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in keys[:4])
+    lengths = jax.random.randint(keys[4], (b,), s // 2, s + 1)
+    key = keys[5]
+
+    # correctness against the jax.numpy twin (same masks), float32 math on bf16 inputs
+    twin = lambda q, k, v, lengths, key: attention.reference_attention(  # noqa: E731
+        q, k, v, lengths, attention.plane_seeds(key, b, n), rate)
+    ref_loss, ref_grads = _fwd_bwd(twin)(q, k, v, lengths, key, g)
+    check = {}
+    for blocks in _BLOCKS.value.split(";"):
+      blk = tuple(int(x) for x in blocks.split(","))
+      kern = lambda q, k, v, lengths, key, blk=blk: attention.dropout_attention(  # noqa: E731
+          q, k, v, lengths, key, rate, use_kernel=True, blocks=blk)
+      fn = _fwd_bwd(kern)
+      loss, grads = fn(q, k, v, lengths, key, g)
+      err = [float(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32)).max() /
+                   jnp.abs(r.astype(jnp.float32)).max()) for a, r in zip(grads, ref_grads)]
+      check[blocks] = dict(loss=float(loss), ref_loss=float(ref_loss), grad_rel_err=err)
+      try:
+        t = _time(fn, q, k, v, lengths, key, g)
+      except Exception as e:  # pylint: disable=broad-except
+        t = None
+        check[blocks]["error"] = repr(e)[:300]
+      rows.append(dict(shape=shape, path=f"kernel {blocks}", ms=None if t is None else t * 1e3,
+                       **check[blocks]))
+      print(json.dumps(rows[-1]), flush=True)
+    if _NO_DROPOUT_TOO.value:
+      blk = tuple(int(x) for x in _BLOCKS.value.split(";")[0].split(","))
+      fn = _fwd_bwd(lambda q, k, v, lengths, key: attention.dropout_attention(
+          q, k, v, lengths, key, 0.0, use_kernel=True, blocks=blk))
+      rows.append(dict(shape=shape, path=f"kernel {blk} without dropout",
+                       ms=_time(fn, q, k, v, lengths, key, g) * 1e3))
+      print(json.dumps(rows[-1]), flush=True)
+    for name, f in [("xla reference (threefry)", _xla_path("reference", rate)),
+                    ("xla lean (threefry)", _xla_path("lean", rate)),
+                    ("xla hashed twin", twin)]:
+      t = _time(_fwd_bwd(f), q, k, v, lengths, key, g)
+      rows.append(dict(shape=shape, path=name, ms=t * 1e3))
+      print(json.dumps(rows[-1]), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "a", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps(dict(device=device.device_kind, **r)) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
