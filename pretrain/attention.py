@@ -152,7 +152,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, seed_ref, do_ref, lse_ref, 
   tile = pl.dslice(t * block, block)
 
   def tile_grads(q, k, v, do, lse, delta, valid, rows, cols):
-    """P (probabilities), the dropped P / (1 - rate) and dS (logits' gradient) of one tile."""
+    """The dropped probabilities P * keep / (1 - rate) and dS (the logits' gradient) of one tile."""
     p = jnp.exp2(_scores(q, k, valid, scale) - lse[:, None])
     dp = plgpu.dot(do, v.T)
     if rate > 0.0:
@@ -295,7 +295,15 @@ def _fit_blocks(seq: int, blocks) -> tuple[int, ...]:
 
 def fused_attention(q, k, v, lengths, seeds, rate: float, *, blocks=DEFAULT_BLOCKS,
                     interpret: bool = False):
-  """The Pallas kernel: same function as `reference_attention`, (b, s, n, d) in and out."""
+  """The Pallas kernel: same function as `reference_attention`, (b, s, n, d) in and out.
+
+  Self-attention: q, k and v share their shape.
+  """
+  if q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"fused attention needs q, k, v of one shape; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"attention dropout rate {rate} must be in [0, 1)")
   valid = (jnp.arange(k.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
   blocks = tuple(blocks) + DEFAULT_BLOCKS[len(blocks):]          # stages optional
   return _fused(q, k, v, valid, seeds, float(rate), blocks, interpret)
