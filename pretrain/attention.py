@@ -7,8 +7,8 @@ draws the mask with threefry: about 10 ms of a 66 ms base-128 step on an H200 (d
 
 Here the mask is not drawn but hashed: element (b, h, i, j) is kept when a 32-bit hash of its
 position and the step's dropout key is at least `rate * 2**32` (SplitMix-style: a Weyl step on
-the position, offset by a per-plane seed, through murmur3's finaliser). The kernel recomputes the same
-mask in its backward pass instead of storing it, and `reference_attention` computes the same
+the position, offset by a per-plane seed, through murmur3's finaliser). The kernel recomputes the
+same mask in its backward pass instead of storing it, and `reference_attention` computes the same
 masks with plain jax.numpy, so the two paths agree to rounding on every backend and mesh (the
 seeds use global batch and head indices). The finaliser mixes every input bit into every output
 bit; dropout needs no more (tests/test_attention.py checks the keep rate and that masks are
@@ -51,7 +51,8 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 
 def plane_seeds(key: jax.Array, batch: int, heads: int, batch_offset=0) -> jax.Array:
-  """uint32 (batch, heads): one seed per attention plane, from the dropout key and global indices."""
+  """uint32 (batch, heads): one seed per attention plane, from the dropout key and global
+  indices (`batch_offset` = the global index of this batch's first row)."""
   s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
   b = (jnp.arange(batch, dtype=jnp.uint32) + jnp.asarray(batch_offset, jnp.uint32))[:, None]
   plane = b * jnp.uint32(heads) + jnp.arange(heads, dtype=jnp.uint32)[None, :]

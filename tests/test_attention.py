@@ -117,5 +117,6 @@ def test_kernel_shape_limits():
   assert attention.kernel_supports(128, 64) and attention.kernel_supports(384, 64)
   assert not attention.kernel_supports(100, 64)          # the twin runs instead
   assert not attention.kernel_supports(128, 48)
-  assert attention._fit_blocks(384, (64, 64, 64, 4, 4)) == (64, 64, 64, 4, 4)  # pylint: disable=protected-access
-  assert attention._fit_blocks(48, (64, 64, 64, 4, 4)) == (16, 16, 16, 4, 4)  # pylint: disable=protected-access
+  fit = attention._fit_blocks  # pylint: disable=protected-access
+  assert fit(384, (64, 64, 64, 4, 4)) == (64, 64, 64, 4, 4)
+  assert fit(48, (64, 64, 64, 4, 4)) == (16, 16, 16, 4, 4)

@@ -57,8 +57,8 @@ def _xla_path(impl: str, rate: float):
   """The model's own explicit attention (`SelfAttention._attention_with_dropout`)."""
   holder = type("Holder", (), {})()         # the three attributes the method reads
   holder.dropout_rate, holder.dropout_impl, holder.grad_dtype = rate, impl, "bfloat16"
-  return lambda q, k, v, lengths, key: SelfAttention._attention_with_dropout(  # pylint: disable=protected-access
-      holder, q, k, v, lengths, key)
+  method = SelfAttention._attention_with_dropout  # pylint: disable=protected-access
+  return lambda q, k, v, lengths, key: method(holder, q, k, v, lengths, key)
 
 
 def _fwd_bwd(f):
