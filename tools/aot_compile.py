@@ -322,7 +322,8 @@ def find_max_batch(config, topology: Topology, *, start: int = 8, multiple: int 
     per_chip = max(per_chip, known_fit + unit)
   if known_no_fit is not None:
     if known_fit is None or known_no_fit <= known_fit:
-      raise ValueError("known_no_fit needs a smaller known_fit")
+      raise ValueError(f"known_no_fit={known_no_fit} needs a smaller known_fit (got "
+                       f"{known_fit})")
     hi = known_no_fit
   while hi is None and per_chip <= max_per_chip:               # doubling
     report = attempt(per_chip)
@@ -415,10 +416,14 @@ def main(argv):
     on_probe = None
     if _JSON.value:                   # keep every probe even if the search is stopped half way
       on_probe = functools.partial(_search_json, best=None, path=_JSON.value)
-    best, tried = find_max_batch(
-        config, topology, start=_START.value, multiple=_MULTIPLE.value,
-        max_per_chip=_MAX_PER_CHIP.value, usable_fraction=_USABLE.value,
-        known_fit=_KNOWN_FIT.value, known_no_fit=_KNOWN_NO_FIT.value, on_probe=on_probe, log=log)
+    try:
+      best, tried = find_max_batch(
+          config, topology, start=_START.value, multiple=_MULTIPLE.value,
+          max_per_chip=_MAX_PER_CHIP.value, usable_fraction=_USABLE.value,
+          known_fit=_KNOWN_FIT.value, known_no_fit=_KNOWN_NO_FIT.value, on_probe=on_probe,
+          log=log)
+    except ValueError as e:                     # a bracket that does not fit the search's step
+      sys.exit(f"error: {e}")
     if best is None:
       print(f"even per-chip batch {tried[0]['per_chip_batch']:g} does not fit")
       result: Any = dict(best=None, tried=tried)
