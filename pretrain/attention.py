@@ -29,6 +29,8 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain import sharding
+
 try:                                   # the Triton backend of Pallas (jaxlib's GPU build has it)
   from jax.experimental.pallas import triton as plgpu
 except ImportError:                    # pragma: no cover
@@ -50,11 +52,11 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def plane_seeds(key: jax.Array, batch: int, heads: int, batch_offset=0) -> jax.Array:
-  """uint32 (batch, heads): one seed per attention plane, from the dropout key and global
-  indices (`batch_offset` = the global index of this batch's first row)."""
+def plane_seeds(key: jax.Array, batch: int, heads: int) -> jax.Array:
+  """uint32 (batch, heads): one seed per attention plane, from the dropout key and the plane's
+  global (batch, head) index; computed before any sharding, so no shard sees local indices."""
   s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
-  b = (jnp.arange(batch, dtype=jnp.uint32) + jnp.asarray(batch_offset, jnp.uint32))[:, None]
+  b = jnp.arange(batch, dtype=jnp.uint32)[:, None]
   plane = b * jnp.uint32(heads) + jnp.arange(heads, dtype=jnp.uint32)[None, :]
   return _fmix32(_fmix32(plane ^ s0) + s1)
 
@@ -79,7 +81,7 @@ def _threshold(rate: float) -> int:
   return min(int(round(rate * 2.0**32)), 2**32 - 1)
 
 
-def keep_mask(seeds: jax.Array, seq_q: int, seq_k: int, rate: float) -> jax.Array:
+def hashed_keep_mask(seeds: jax.Array, seq_q: int, seq_k: int, rate: float) -> jax.Array:
   """bool (batch, heads, seq_q, seq_k): the kernel's dropout mask, in plain jax.numpy."""
   rows, cols = jnp.arange(seq_q), jnp.arange(seq_k)
   keep = jax.vmap(jax.vmap(lambda s: _keep(s, rows, cols, seq_k, _threshold(rate))))
@@ -97,7 +99,7 @@ def reference_attention(q, k, v, lengths, seeds, rate: float):
   logits = jnp.where(valid[:, None, None, :], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
   if rate > 0.0:
-    keep = keep_mask(seeds, q.shape[1], k.shape[1], rate)
+    keep = hashed_keep_mask(seeds, q.shape[1], k.shape[1], rate)
     probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
   return jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
 
@@ -322,7 +324,6 @@ def dropout_attention(q, k, v, lengths, key, rate: float, *, use_kernel: bool | 
   `pretrain.sharding` places them); the plane seeds are computed from global indices first, so
   the masks do not depend on the mesh.
   """
-  from pretrain import sharding  # pylint: disable=g-import-not-at-top
   b, s, n, d = q.shape
   seeds = plane_seeds(key, b, n)
   if use_kernel is None:

@@ -69,24 +69,22 @@ def test_kernel_under_a_mesh_equals_unsharded():
 def test_hashed_masks_keep_the_rate_and_vary():
   key = jax.random.key(3)
   seeds = attention.plane_seeds(key, 4, 4)
-  keep = np.asarray(attention.keep_mask(seeds, 128, 128, 0.1))      # (4, 4, 128, 128)
+  keep = np.asarray(attention.hashed_keep_mask(seeds, 128, 128, 0.1))   # (4, 4, 128, 128)
   assert abs(keep.mean() - 0.9) < 0.004, keep.mean()                 # 262,144 draws: sd 0.0006
   for plane in keep.reshape(16, 128, 128):
     assert abs(plane.mean() - 0.9) < 0.02
   # two planes, two keys: agreement as for independent masks (0.9^2 + 0.1^2 = 0.82), not 1
   assert abs((keep[0, 0] == keep[0, 1]).mean() - 0.82) < 0.01
   assert abs((keep[0, 0] == keep[1, 0]).mean() - 0.82) < 0.01
-  other = np.asarray(attention.keep_mask(attention.plane_seeds(jax.random.key(4), 4, 4), 128,
-                                         128, 0.1))
+  other_seeds = attention.plane_seeds(jax.random.key(4), 4, 4)
+  other = np.asarray(attention.hashed_keep_mask(other_seeds, 128, 128, 0.1))
   assert abs((keep == other).mean() - 0.82) < 0.005
   # neighbours along a row and a column are not correlated either
   assert abs((keep[..., 1:] == keep[..., :-1]).mean() - 0.82) < 0.005
   assert abs((keep[..., 1:, :] == keep[..., :-1, :]).mean() - 0.82) < 0.005
-  assert attention.keep_mask(seeds, 8, 8, 0.0).all()
-  # the same key and batch offset give the same seeds: a batch's masks are reproducible
+  assert attention.hashed_keep_mask(seeds, 8, 8, 0.0).all()
+  # the same key gives the same seeds: a batch's masks are reproducible
   np.testing.assert_array_equal(seeds, attention.plane_seeds(key, 4, 4))
-  np.testing.assert_array_equal(attention.plane_seeds(key, 4, 4)[2:],
-                                attention.plane_seeds(key, 2, 4, batch_offset=2))
 
 
 def test_twin_without_dropout_is_dot_product_attention():
