@@ -118,6 +118,7 @@ def test_find_max_batch_search(monkeypatch, true_max, compiler_oom_above):
   probes = [r["per_chip_batch"] for r in tried]
   assert best["per_chip_batch"] == true_max // 8 * 8, probes
   assert all(lo < p < hi for p in probes), probes
+  assert probes[0] == (lo + hi) // 2 // 8 * 8, probes    # a known bracket starts with bisection
   assert written == list(range(1, len(tried) + 1))
   if true_max == 8:
     assert "note" in best         # never compiled here: the earlier compile is the answer
