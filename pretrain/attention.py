@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import sharding
+from pretrain.layers import GOLDEN, dropout_threshold, fmix32
 
 try:                                   # the Triton backend of Pallas (jaxlib's GPU build has it)
   from jax.experimental.pallas import triton as plgpu
@@ -41,16 +42,8 @@ _LOG2E = math.log2(math.e)
 
 
 # ------------------------------------------------------------------------------------------------
-# The dropout hash, shared by the kernel and the reference.
-
-def _fmix32(x: jax.Array) -> jax.Array:
-  """murmur3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
+# The dropout hash, shared by the kernel and the reference (its pieces are in pretrain.layers,
+# which hashes the hidden dropout masks the same way).
 
 def plane_seeds(key: jax.Array, batch: int, heads: int) -> jax.Array:
   """uint32 (batch, heads): one seed per attention plane, from the dropout key and the plane's
@@ -58,10 +51,7 @@ def plane_seeds(key: jax.Array, batch: int, heads: int) -> jax.Array:
   s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
   b = jnp.arange(batch, dtype=jnp.uint32)[:, None]
   plane = b * jnp.uint32(heads) + jnp.arange(heads, dtype=jnp.uint32)[None, :]
-  return _fmix32(_fmix32(plane ^ s0) + s1)
-
-
-_GOLDEN = 0x9E3779B9     # 2^32 / golden ratio: the Weyl step of SplitMix-style generators
+  return fmix32(fmix32(plane ^ s0) + s1)
 
 
 def _keep(seed: jax.Array, rows: jax.Array, cols: jax.Array, seq_k: int, threshold: int):
@@ -71,20 +61,16 @@ def _keep(seed: jax.Array, rows: jax.Array, cols: jax.Array, seq_k: int, thresho
   finaliser. (Two finaliser rounds cost 14% more kernel time at seq 512 on an H100.) The row
   and column parts are multiplied once per tile, leaving an add and the finaliser per element.
   """
-  g = jnp.uint32(_GOLDEN)
+  g = jnp.uint32(GOLDEN)
   row_part = rows.astype(jnp.uint32) * (jnp.uint32(seq_k) * g) + seed
   col_part = cols.astype(jnp.uint32) * g
-  return _fmix32(row_part[:, None] + col_part[None, :]) >= jnp.uint32(threshold)
-
-
-def _threshold(rate: float) -> int:
-  return min(int(round(rate * 2.0**32)), 2**32 - 1)
+  return fmix32(row_part[:, None] + col_part[None, :]) >= jnp.uint32(threshold)
 
 
 def hashed_keep_mask(seeds: jax.Array, seq_q: int, seq_k: int, rate: float) -> jax.Array:
   """bool (batch, heads, seq_q, seq_k): the kernel's dropout mask, in plain jax.numpy."""
   rows, cols = jnp.arange(seq_q), jnp.arange(seq_k)
-  keep = jax.vmap(jax.vmap(lambda s: _keep(s, rows, cols, seq_k, _threshold(rate))))
+  keep = jax.vmap(jax.vmap(lambda s: _keep(s, rows, cols, seq_k, dropout_threshold(rate))))
   return keep(seeds)
 
 
@@ -119,7 +105,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, seed_ref, o_ref, lse_ref, *,
   seq_k = k_ref.shape[0]
   i = pl.program_id(0)
   seed = seed_ref[...]
-  threshold = _threshold(rate)
+  threshold = dropout_threshold(rate)
   q = q_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
@@ -149,7 +135,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, seed_ref, do_ref, lse_ref, 
   seq = q_ref.shape[0]
   t = pl.program_id(2)
   seed = seed_ref[...]
-  threshold = _threshold(rate)
+  threshold = dropout_threshold(rate)
   inv_keep = 1.0 / (1.0 - rate)
   span = t * block + jnp.arange(block)
   tile = pl.dslice(t * block, block)

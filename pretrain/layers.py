@@ -33,14 +33,15 @@ class BertConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   vocab_pad_multiple: int = 128
-  # Speed switches (pretrain/perf.py and docs/benchmarks.md measure them). Defaults = the plain path.
+  # Speed switches (docs/benchmarks.md measures them). Defaults = the fastest measured on GPU;
+  # each alternative computes the same function (or, for dropout masks, the same distribution).
   scan_layers: bool = False             # one jax.lax.scan over stacked layers (see model.py)
   remat_policy: str = "none"            # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  dropout_rng: str = "threefry"         # threefry (the key as given) | rbg | unsafe_rbg
+  dropout_rng: str = "hash"             # hash (positions hashed) | threefry | rbg | unsafe_rbg
   attention_dropout_impl: str = "fused"       # fused | reference | lean (see SelfAttention)
   logits_grad_dtype: str = "float32"    # float32 | bfloat16: dtype of the float32 logits' gradient
                                         # fed to the backward matmuls (MLM decoder, attention scores)
-  mlm_gather: str = "take"              # take | one_hot: how the MLM head picks masked positions
+  mlm_gather: str = "one_hot"           # one_hot | take: how the MLM head picks masked positions
 
   @classmethod
   def from_config(cls, model_config: Any) -> BertConfig:
@@ -83,8 +84,21 @@ class BertConfig:
     return jnp.dtype(self.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt(2))), computed in float32.
+
+  `jax.nn.gelu(approximate=False)` writes it with erfc, whose XLA expansion evaluates two
+  polynomial branches and an exp for every element: on an H100 that made the FFN's GELU
+  compute-bound (0.33 ms per base layer, forward). erf is one rational polynomial; the values
+  agree to float32 rounding except far in the negative tail, where both are ~0. This is also the
+  form PyTorch's (and transformers') exact GELU uses.
+  """
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * (2.0 ** -0.5)))).astype(x.dtype)
+
+
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
@@ -102,18 +116,20 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg", "hash")
 
 
 def dropout_key(key: jax.Array | None, impl: str) -> jax.Array | None:
   """The key dropout draws its masks from, given the step's key (`train.py` makes a threefry key).
 
-  "threefry" uses `key` as it is (the default: masks independent of the mesh). "rbg"/"unsafe_rbg"
-  seed a key of that implementation from 128 bits of `key`, so dropout masks come from XLA's
-  RngBitGenerator (Philox on GPU), which is cheaper than threefry; the masks then depend on how
-  the arrays are sharded, so runs on different meshes no longer match bit for bit.
+  "threefry" uses `key` as it is (masks independent of the mesh). "rbg"/"unsafe_rbg" seed a key of
+  that implementation from 128 bits of `key`, so dropout masks come from XLA's RngBitGenerator
+  (Philox on GPU), which is cheaper than threefry; the masks then depend on how the arrays are
+  sharded, so runs on different meshes no longer match bit for bit. "hash" also uses `key` as it
+  is: `dropout` then hashes each element's position with two words drawn from it
+  (`hashed_dropout`), independent of the mesh and the cheapest of the four.
   """
-  if key is None or impl == "threefry":
+  if key is None or impl in ("threefry", "hash"):
     return key
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
 
@@ -165,11 +181,84 @@ def keep_mask(key: jax.Array, rate: float, shape) -> jax.Array:
   return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0."""
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, rng: str = "hash") -> jax.Array:
+  """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0.
+
+  `rng` is model.dropout_rng: "hash" hashes positions (`hashed_dropout`), the others draw the
+  mask from `key` with jax.random.
+  """
   if key is None or rate == 0.0:
     return x
+  if rng == "hash":
+    return hashed_dropout(x, jax.random.bits(key, (2,), jnp.uint32), rate)
   return jnp.where(keep_mask(key, rate, x.shape), x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hashed dropout masks: the same construction as the attention kernel's (pretrain/attention.py).
+
+GOLDEN = 0x9E3779B9     # 2^32 / golden ratio: the Weyl step of SplitMix-style generators
+
+
+def fmix32(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def dropout_threshold(rate: float) -> int:
+  """A uint32 hash at least this is kept: probability 1 - rate."""
+  return min(int(round(rate * 2.0**32)), 2**32 - 1)
+
+
+def hashed_dropout_mask(words: jax.Array, shape, rate: float) -> jax.Array:
+  """bool `shape` = (batch, ...): where hashed dropout keeps an element, True w.p. 1 - rate.
+
+  Each batch row gets a seed from its global index and the two uint32 `words`; the element at
+  offset o within its row is kept when fmix32(o * GOLDEN + seed) >= rate * 2^32 (SplitMix-style).
+  Everything is computed from iotas of the global shape, so under jit the mask is the same on
+  every mesh, and it fuses into its consumer: no random bits are written to memory.
+  """
+  row_size = 1
+  for n in shape[1:]:
+    row_size *= n
+  if row_size >= 2**32:
+    raise ValueError(f"hashed dropout needs fewer than 2^32 elements per batch row; got {shape}")
+  rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  seed = fmix32(fmix32(rows ^ words[0]) + words[1])
+  offset = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in range(len(shape) - 1, 0, -1):
+    offset = offset + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
+    stride *= shape[dim]
+  return fmix32(offset * jnp.uint32(GOLDEN) + seed) >= jnp.uint32(dropout_threshold(rate))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def hashed_dropout(x: jax.Array, words: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout with `hashed_dropout_mask(words, x.shape, rate)`.
+
+  The backward pass recomputes the mask from `words` instead of keeping a boolean tensor.
+  """
+  keep = hashed_dropout_mask(words, x.shape, rate)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _hashed_dropout_fwd(x, words, rate):
+  return hashed_dropout(x, words, rate), words
+
+
+def _hashed_dropout_bwd(rate, words, g):
+  # The barrier keeps XLA from merging this mask with the forward pass's identical one (CSE),
+  # which would store the forward mask as a boolean tensor after all.
+  keep = hashed_dropout_mask(jax.lax.optimization_barrier(words), g.shape, rate)
+  return jnp.where(keep, g / (1.0 - rate), 0).astype(g.dtype), None
+
+
+hashed_dropout.defvjp(_hashed_dropout_fwd, _hashed_dropout_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -36,6 +36,7 @@ class Embeddings(nnx.Module):
                                        ("position", "embed"), config)
     self.layer_norm = LayerNorm(h, config, rngs=rngs)
     self.dropout_rate = config.hidden_dropout
+    self.dropout_rng = config.dropout_rng
 
   def __call__(self, input_ids, segment_ids, key):
     seq_len = input_ids.shape[1]
@@ -43,7 +44,7 @@ class Embeddings(nnx.Module):
     x = x + self.position_embeddings[...][None, :seq_len]
     x = x + jnp.take(self.token_type_embeddings[...], segment_ids, axis=0)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-    return dropout(self.layer_norm(x), self.dropout_rate, key)
+    return dropout(self.layer_norm(x), self.dropout_rate, key, self.dropout_rng)
 
 
 class SelfAttention(nnx.Module):
@@ -114,15 +115,17 @@ class EncoderLayer(nnx.Module):
     self.output_layer_norm = LayerNorm(h, config, rngs=rngs)
     self.activation = activation(config.hidden_act)
     self.dropout_rate = config.hidden_dropout
+    self.dropout_rng = config.dropout_rng
 
   def __call__(self, x, lengths, key):
     attn_key, attn_out_key, ffn_key = split_key(key, 3)
-    a = dropout(self.attention(x, lengths, attn_key), self.dropout_rate, attn_out_key)
+    a = self.attention(x, lengths, attn_key)
+    a = dropout(a, self.dropout_rate, attn_out_key, self.dropout_rng)
     x = self.attention_layer_norm(x + a)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
     f = self.activation(self.intermediate(x))
     f = sharding.constrain(f, ("batch", "seq", "act_mlp"))
-    f = dropout(self.output(f), self.dropout_rate, ffn_key)
+    f = dropout(self.output(f), self.dropout_rate, ffn_key, self.dropout_rng)
     x = self.output_layer_norm(x + f)
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 

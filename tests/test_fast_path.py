@@ -4,8 +4,12 @@
   same key).
 - `attention_dropout_impl="lean"` and `logits_grad_dtype="bfloat16"`: the same loss (the forward
   pass is unchanged) and gradients within bfloat16 rounding.
-- `dropout_rng="rbg"`: other masks (so another loss with dropout), deterministic given the key,
-  and the dropout rate kept. (Without dropout no random bits are drawn: nothing changes.)
+- `dropout_rng="rbg"` and `"threefry"`: other masks than the default `"hash"` (so another loss with
+  dropout), deterministic given the key, and the dropout rate kept. (Without dropout no random bits
+  are drawn: nothing changes.)
+- `dropout_rng="hash"` (the default): hashed masks keep 1 - rate, are uncorrelated across
+  neighbours and keys, do not depend on the mesh, and its backward pass recomputes the same mask.
+- the exact GELU in its erf form equals jax.nn.gelu's erfc form.
 - a scanned model trains on a mesh: one sharded train step equals the unrolled model's.
 """
 
@@ -20,6 +24,7 @@ import pytest
 
 from helpers import assert_trees_close, tiny_config
 from pretrain import heads, sharding, train
+from pretrain import layers
 from pretrain.layers import BertConfig, dropout_key, keep_mask
 from pretrain.model import BertForPreTraining, stack_layer_params, unstack_layer_params
 from pretrain.synthetic import SyntheticSource
@@ -106,15 +111,57 @@ def test_lean_attention_and_bf16_logit_grads_same_loss():
     assert err < 3e-2, (jax.tree_util.keystr(path), err)
 
 
-def test_rbg_dropout(plain):
-  params, batch, threefry_loss, _ = plain
-  rbg = dataclasses.replace(TINY, dropout_rng="rbg")
-  loss_a, _ = loss_and_grads(rbg, params, batch)
-  loss_b, _ = loss_and_grads(rbg, params, batch)
+@pytest.mark.parametrize("rng", ["rbg", "threefry"])
+def test_drawn_dropout_masks(plain, rng):
+  params, batch, hash_loss, _ = plain
+  config = dataclasses.replace(TINY, dropout_rng=rng)
+  loss_a, _ = loss_and_grads(config, params, batch)
+  loss_b, _ = loss_and_grads(config, params, batch)
   assert float(loss_a) == float(loss_b)                # deterministic given the key
-  assert abs(float(loss_a) - threefry_loss) > 1e-5     # other masks
-  keep = keep_mask(dropout_key(KEY, "rbg"), 0.1, (1 << 20,))
+  assert abs(float(loss_a) - hash_loss) > 1e-5         # other masks
+  keep = keep_mask(dropout_key(KEY, rng), 0.1, (1 << 20,))
   assert abs(float(keep.mean()) - 0.9) < 3e-3          # 10 sigma at 2^20 draws
+
+
+def test_hashed_dropout_masks():
+  words = jax.random.bits(KEY, (2,), jnp.uint32)
+  keep = np.asarray(layers.hashed_dropout_mask(words, (64, 128, 128), 0.1))
+  assert abs(keep.mean() - 0.9) < 3e-3                 # 10 sigma at 2^20 elements
+  rows = keep.reshape(64, -1).mean(1)
+  assert rows.min() > 0.88 and rows.max() < 0.92       # every batch row keeps the rate
+  centred = keep - keep.mean()
+  for shifted in (np.roll(centred, 1, axis=-1), np.roll(centred, 1, axis=-2),
+                  np.roll(centred, 1, axis=0)):
+    assert abs((centred * shifted).mean() / centred.var()) < 0.01   # ~10 sigma
+  other = np.asarray(layers.hashed_dropout_mask(jax.random.bits(jax.random.key(8), (2,),
+                                                                jnp.uint32),
+                                                (64, 128, 128), 0.1))
+  assert abs(((keep - 0.9) * (other - 0.9)).mean() / centred.var()) < 0.01
+  assert layers.hashed_dropout_mask(words, (4, 8), 0.0).all()
+
+
+def test_hashed_dropout_backward_and_mesh():
+  x = jax.random.normal(jax.random.key(1), (8, 16, 32))
+  words = jax.random.bits(KEY, (2,), jnp.uint32)
+  keep = layers.hashed_dropout_mask(words, x.shape, 0.25)
+  y, vjp = jax.vjp(lambda x: layers.hashed_dropout(x, words, 0.25), x)
+  np.testing.assert_array_equal(y, jnp.where(keep, x / 0.75, 0))
+  np.testing.assert_array_equal(vjp(jnp.ones_like(x))[0], jnp.where(keep, 1 / 0.75, 0))
+  mesh = sharding.make_mesh((2, 2, 1), jax.devices()[:4])
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  sharded = jax.jit(lambda x: layers.hashed_dropout(x, words, 0.25))(jax.device_put(x, spec))
+  np.testing.assert_array_equal(sharded, y)           # global positions: mesh-independent
+
+
+def test_gelu_erf_form_equals_erfc_form():
+  x = jnp.linspace(-12.0, 12.0, 20001)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), rtol=2e-6,
+                             atol=1e-6)
+  xb = x.astype(jnp.bfloat16)
+  assert layers.gelu(xb).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(layers.gelu(xb), np.float32),
+                             np.asarray(jax.nn.gelu(xb.astype(jnp.float32), approximate=False)),
+                             rtol=8e-3, atol=1e-6)
 
 
 def test_scanned_train_step_on_mesh_equals_unrolled():
