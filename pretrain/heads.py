@@ -37,8 +37,9 @@ class MLMHead(nnx.Module):
     positions = positions.astype(jnp.int32)
     if self.gather == "one_hot":
       # The same rows as a batched one-hot matmul (exact: one nonzero term per output). Its
-      # backward is a matmul too, not the scatter-add of take_along_axis, whose (seq, ..., batch)
-      # operand layout the GPU profile saw XLA propagate through every layer (docs/benchmarks.md).
+      # backward is a matmul too. take_along_axis's gather (and scatter-add backward) made XLA on
+      # GPU lay the activations of every layer out batch-minor, with transposes around every
+      # matmul: 6.8 ms of a 54 ms base-128 step on an H100 (docs/benchmarks.md).
       select = jax.nn.one_hot(positions, sequence_output.shape[1], dtype=sequence_output.dtype)
       x = jnp.einsum("bps,bsh->bph", select, sequence_output)
     else:
@@ -53,8 +54,10 @@ class MLMHead(nnx.Module):
     # miscompile the gradient on meshes with data, fsdp and tensor all > 1 for some shapes:
     # tests/test_equivalence.py::test_xla_sharded_gradient_canary reproduces it in plain JAX.
     logits = sharding.constrain(logits, ("batch", None, None))
+    # Padded entries pushed to the float32 minimum by adding a constant row: the same values as a
+    # select, but a backward pass that is the identity instead of another pass over the logits.
     real = jnp.arange(logits.shape[-1]) < self.vocab_size
-    return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    return logits + jnp.where(real, 0.0, jnp.finfo(jnp.float32).min)
 
 
 class NSPHead(nnx.Module):
@@ -81,7 +84,10 @@ def loss_sums(mlm_logits, nsp_logits, batch) -> LossSums:
   weights = batch["masked_lm_weights"].astype(jnp.float32)
   mlm_logp = jax.nn.log_softmax(mlm_logits, axis=-1)
   mlm_target = batch["masked_lm_ids"].astype(jnp.int32)
-  mlm_nll = -jnp.take_along_axis(mlm_logp, mlm_target[..., None], axis=-1)[..., 0]
+  # The target's log-probability picked by a comparison with an iota, not take_along_axis: exact
+  # (one nonzero term), and its backward is elementwise instead of a scatter into zeros.
+  is_target = jnp.arange(mlm_logp.shape[-1]) == mlm_target[..., None]
+  mlm_nll = -jnp.where(is_target, mlm_logp, 0.0).sum(-1)
   mlm_hit = (jnp.argmax(mlm_logits, -1) == mlm_target).astype(jnp.float32)
   nsp_logp = jax.nn.log_softmax(nsp_logits, axis=-1)
   nsp_target = batch["next_sentence_labels"].astype(jnp.int32).reshape(-1)
