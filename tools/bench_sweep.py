@@ -39,8 +39,10 @@ _PEER_PROCS = flags.DEFINE_integer("peer_procs", 2, "Peer processes compiling si
 _DEADLINE = flags.DEFINE_float("deadline_s", 1e9, "Skip what is left after this many seconds.")
 _WAIT = flags.DEFINE_float("peer_wait_s", 240, "Longest wait for the other side's compilation.")
 
-# The rows' shapes, with XLA's explicit attention and threefry dropout masks (the "plain" path).
-PLAIN = {"model.attention_dropout_impl": "reference"}
+# The rows' shapes, on the "plain" path: XLA's explicit attention, threefry dropout masks and the
+# take_along_axis MLM gather (every speed switch off but the GELU's erf form).
+PLAIN = {"model.attention_dropout_impl": "reference", "model.dropout_rng": "threefry",
+         "model.mlm_gather": "take"}
 BASE128 = {"variant": "base", "train.global_batch_size": 256, "data.max_seq_length": 128,
            "data.max_predictions_per_seq": 20, **PLAIN}
 LARGE128 = {"variant": "large", "train.global_batch_size": 128, "data.max_seq_length": 128,
@@ -52,7 +54,10 @@ TINY32 = {"variant": "tiny", "train.global_batch_size": 8, "data.max_seq_length"
 NO_DROPOUT = {"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
 FAST_BWD = {"model.logits_grad_dtype": "bfloat16", "model.attention_dropout_impl": "lean"}
 FAST = {**FAST_BWD, "model.dropout_rng": "rbg"}
-FUSED = {"model.attention_dropout_impl": "fused", "model.logits_grad_dtype": "bfloat16"}
+# The model's defaults (the fused attention kernel, hashed hidden dropout, one-hot MLM gather),
+# stated over the plain shapes, plus bf16 gradients into the MLM decoder's backward GEMMs.
+FUSED = {"model.attention_dropout_impl": "fused", "model.dropout_rng": "hash",
+         "model.mlm_gather": "one_hot", "model.logits_grad_dtype": "bfloat16"}
 
 # name -> overrides of configs/pretrain.py:VARIANT; listed in the order they are timed.
 PLANS = {
@@ -79,6 +84,8 @@ PLANS = {
     "table": {
         "base128_d11_fused": {**BASE128, **FUSED},
         "base128_d11_plain": {**BASE128},
+        "base128_d00_cudnn_fused": {**BASE128, **NO_DROPOUT, **FUSED,
+                                    "model.attention_impl": "cudnn"},
         "base128_d00_cudnn_plain": {**BASE128, **NO_DROPOUT, "model.attention_impl": "cudnn"},
         "large128_d11_fused": {**LARGE128, **FUSED},
         "large128_d11_plain": {**LARGE128},
@@ -131,11 +138,24 @@ PLANS = {
         "large512_d11_fastbwd": {**LARGE512, **FAST_BWD},
         "large512_d11_plain": {**LARGE512},
     },
+    # 2026-11-26 afternoon, one change at a time from the morning's code (a hook puts back the
+    # erfc GELU): hashed hidden dropout, erf GELU, one-hot MLM gather (= the defaults)
+    "levers": {
+        "base128_d11_before": {**BASE128, **FUSED, "model.dropout_rng": "threefry",
+                               "model.mlm_gather": "take", "hook": "erfc_gelu"},
+        "base128_d11_hash": {**BASE128, **FUSED, "model.mlm_gather": "take", "hook": "erfc_gelu"},
+        "base128_d11_hash_erf": {**BASE128, **FUSED, "model.mlm_gather": "take"},
+        "base128_d11_default": {**BASE128, **FUSED},
+        "large512_d11_before": {**LARGE512, **FUSED, "model.dropout_rng": "threefry",
+                                "model.mlm_gather": "take", "hook": "erfc_gelu"},
+        "large512_d11_default": {**LARGE512, **FUSED},
+    },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
         "tiny_plain": {**TINY32},
         "tiny_fast": {**TINY32, **FAST},
         "tiny_fastbwd": {**TINY32, **FAST_BWD},
         "tiny_fused_twin": {**TINY32, **FUSED, "hook": "fused_twin"},
+        "tiny_before": {**TINY32, **FUSED, "hook": "erfc_gelu"},
     },
 }
 PEERS = {   # the peer runs once per (model, batch, sequence, dropout)
@@ -155,6 +175,7 @@ PROFILES = {"gather_check": ["base128_d11_onehot"],
                       "large128_d11_fused"],
             "table": ["large512_d11_fused", "base128_d11_fused"],
             "issue6": ["base128_d00_cudnn_plain", "base128_d11_plain", "base128_d11_fast"],
+            "levers": ["base128_d11_default", "large512_d11_default"],
             "smoke": ["tiny_fast"]}
 # pairs whose loss at the same initial parameters, batch and key must be equal (same masks)
 SAME_LOSS = {"fused": [("base128_d11_fused", "base128_d11_fused_twin"),
@@ -185,30 +206,40 @@ def _cudnn_private_dropout(self, q, k, v, lengths, key):
       mask_type=fa.MaskType.PADDING, dropout_rate=self.dropout_rate, qkv_layout="BTNH")
 
 
+def _erfc_gelu(name):
+  """layers.activation as it was before 2026-11-26: jax.nn.gelu's erfc form for "gelu"."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pretrain import layers  # pylint: disable=g-import-not-at-top
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  return layers.activation(name)
+
+
 def _hooks():
   """name -> (object, attribute, replacement) patched while a configuration is traced."""
-  from pretrain import attention  # pylint: disable=g-import-not-at-top
+  from pretrain import attention, model  # pylint: disable=g-import-not-at-top
   from pretrain.model import SelfAttention  # pylint: disable=g-import-not-at-top
   kernel_path = attention.dropout_attention
   twin = lambda *args, **kw: kernel_path(*args, **{**kw, "use_kernel": False})  # noqa: E731
   return {"cudnn_private_dropout": (SelfAttention, "_attention_with_dropout",
                                     _cudnn_private_dropout),
-          "fused_twin": (attention, "dropout_attention", twin)}
+          "fused_twin": (attention, "dropout_attention", twin),
+          "erfc_gelu": (model, "activation", _erfc_gelu)}
 
 
 def prepare_with_hook(name: str, overrides: dict):
-  """benchmark.prepare, with the model patched while tracing if the overrides name a hook."""
+  """benchmark.prepare, with the model patched while tracing by the hooks the overrides name
+  ("hook": "a" or "a+b")."""
   overrides = dict(overrides)
-  hook = overrides.pop("hook", None)
-  if hook is None:
-    return benchmark.prepare(make_config(overrides), name)
-  obj, attr, fn = _hooks()[hook]
-  original = getattr(obj, attr)
-  setattr(obj, attr, fn)
+  hooks = [_hooks()[h] for h in overrides.pop("hook", "").split("+") if h]
+  originals = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in hooks]
+  for obj, attr, fn in hooks:
+    setattr(obj, attr, fn)
   try:
     return benchmark.prepare(make_config(overrides), name)
   finally:
-    setattr(obj, attr, original)
+    for obj, attr, fn in reversed(originals):
+      setattr(obj, attr, fn)
 
 
 def _same_shape(a: dict, b: dict) -> bool:
