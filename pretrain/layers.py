@@ -88,10 +88,11 @@ def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt(2))), computed in float32.
 
   `jax.nn.gelu(approximate=False)` writes it with erfc, whose XLA expansion evaluates two
-  polynomial branches and an exp for every element: on an H100 that made the FFN's GELU
-  compute-bound (0.33 ms per base layer, forward). erf is one rational polynomial; the values
-  agree to float32 rounding except far in the negative tail, where both are ~0. This is also the
-  form PyTorch's (and transformers') exact GELU uses.
+  polynomial branches and an exp for every element; XLA then stored its derivative terms from the
+  forward pass (three tensors of the FFN's width). With erf, one rational polynomial, the forward
+  writes one: 3.9 -> 2.0 ms forward and 4.0 -> 2.9 ms backward per base-128 step on an H100. The
+  values agree to float32 rounding except far in the negative tail, where both are ~0. This is
+  also the form PyTorch's (and transformers') exact GELU uses.
   """
   x32 = x.astype(jnp.float32)
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * (2.0 ** -0.5)))).astype(x.dtype)
