@@ -99,7 +99,8 @@ class SelfAttention(nnx.Module):
       keep = keep_mask(key, self.dropout_rate, logits.shape)
       probs = softmax_dropout(logits, keep, self.dropout_rate, v.dtype)
     else:
-      probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, key).astype(v.dtype)
+      probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, key, "threefry")
+      probs = probs.astype(v.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 

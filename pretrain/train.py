@@ -300,15 +300,24 @@ def record_tokenizer(data_path: str, workdir: str):
   write_text(os.path.join(workdir, "tokenizer.json"), json.dumps(info, indent=2))
 
 
-def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
-  """Metrics over the first `train.eval_steps` batches of the held-out stream (the same each time)."""
+def held_out_batches(config: ml_collections.ConfigDict) -> list[dict]:
+  """The first `train.eval_steps` host batches of the held-out stream; [] if there is none.
+
+  Read once per run: every evaluation scores the same batches, without re-opening (and
+  re-verifying) the eval shards.
+  """
   source = make_source(config, split="eval")
-  if source is None:
-    return {}
+  return [] if source is None else [next(source) for _ in range(config.train.eval_steps)]
+
+
+def evaluate(eval_step, params, batches: list[dict], mesh) -> dict[str, float]:
+  """Metrics summed over `batches` (`held_out_batches`); {} without any."""
   total = None
-  for _ in range(config.train.eval_steps):
-    sums = eval_step(params, input_lib.to_global(next(source), mesh))
+  for batch in batches:
+    sums = eval_step(params, input_lib.to_global(batch, mesh))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:
+    return {}
   return {k: float(v) for k, v in heads.summarize(jax.device_get(total)).items()}
 
 
@@ -337,6 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if config.data.source == "shards":
       record_tokenizer(config.data.path, workdir)
   train_step, eval_step = make_train_step(setup, train_cfg.grad_accum_steps), make_eval_step(setup)
+  eval_batches = None                          # held_out_batches, read at the first evaluation
   seq_len = config.data.max_seq_length
   flops = flops_per_sequence(setup.model_config, seq_len, config.data.max_predictions_per_seq)
   peak = train_cfg.peak_tflops_per_device or perf.peak_tflops(jax.devices()[0].device_kind)
@@ -367,7 +377,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                seq_s=f"{seq_per_s:.0f}", refresh=False)
           pending, last_log_step, last_log_time = [], step, time.perf_counter()
         if step % train_cfg.eval_every_steps == 0 or step == train_cfg.num_train_steps:
-          eval_metrics = evaluate(eval_step, state.params, config, mesh)
+          if eval_batches is None:
+            eval_batches = held_out_batches(config)
+          eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
           if eval_metrics:
             writer.write(step, eval_metrics, "eval")
             progress.write(f"step {step}: eval " + " ".join(

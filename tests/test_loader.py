@@ -401,3 +401,28 @@ def test_loader_runs_50_batches_of_256_at_seq_128_with_dynamic_masks(spm, tmp_pa
   print(f"\nloader: 50 batches of 256 x 128 in {elapsed:.2f}s "
         f"({50 * 256 / elapsed:,.0f} sequences/s)")
   assert src.get_state()["epoch"] >= 1
+
+
+def test_held_out_batches_are_read_once_and_scored_the_same():
+  """The training loop reads the eval stream's first `train.eval_steps` batches once and scores
+  those each time; evaluate() of the same parameters on them gives the same metrics."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from pretrain import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"train.eval_steps": 3})
+  batches = train.held_out_batches(config)
+  assert len(batches) == 3
+  again = train.held_out_batches(config)
+  for a, b in zip(batches, again):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  mesh = sharding.make_mesh((-1, 1, 1))
+  setup = train.make_setup(config, mesh)
+  eval_step = train.make_eval_step(setup)
+  with jax.set_mesh(mesh):
+    state = setup.init(0)
+    first = train.evaluate(eval_step, state.params, batches, mesh)
+    second = train.evaluate(eval_step, state.params, batches, mesh)
+  assert first == second and first["loss"] > 0
+  assert train.evaluate(eval_step, state.params, [], mesh) == {}
