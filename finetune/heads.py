@@ -48,6 +48,7 @@ class TaskModel(nnx.Module):
       raise ValueError(f"head.feature_pooling={pooling!r}; choose 'cls' or 'mean'")
     self.kind, self.features, self.pooling = kind, features, pooling
     self.head_dropout = head_dropout
+    self.dropout_rng = config.dropout_rng
     self.bert = BertModel(config, rngs=rngs)
     if features:
       self.scalar_mix = ScalarMix(config.num_layers + 1, config, rngs=rngs)
@@ -68,7 +69,8 @@ class TaskModel(nnx.Module):
 
   def predict(self, features, key=None):
     """The head alone, on `encode`'s output (feature-extraction training reuses it)."""
-    out = self.head(dropout(features, self.head_dropout, key)).astype(jnp.float32)
+    features = dropout(features, self.head_dropout, key, self.dropout_rng)
+    out = self.head(features).astype(jnp.float32)
     return out[..., 0] if self.kind == "regression" else out
 
   def __call__(self, batch, key=None):

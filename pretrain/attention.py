@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import sharding
-from pretrain.layers import GOLDEN, dropout_threshold, fmix32
+from pretrain.layers import GOLDEN, dropout_threshold, fmix32, index_seeds
 
 try:                                   # the Triton backend of Pallas (jaxlib's GPU build has it)
   from jax.experimental.pallas import triton as plgpu
@@ -48,10 +48,9 @@ _LOG2E = math.log2(math.e)
 def plane_seeds(key: jax.Array, batch: int, heads: int) -> jax.Array:
   """uint32 (batch, heads): one seed per attention plane, from the dropout key and the plane's
   global (batch, head) index; computed before any sharding, so no shard sees local indices."""
-  s0, s1 = jax.random.bits(key, (2,), jnp.uint32)
   b = jnp.arange(batch, dtype=jnp.uint32)[:, None]
   plane = b * jnp.uint32(heads) + jnp.arange(heads, dtype=jnp.uint32)[None, :]
-  return fmix32(fmix32(plane ^ s0) + s1)
+  return index_seeds(jax.random.bits(key, (2,), jnp.uint32), plane)
 
 
 def _keep(seed: jax.Array, rows: jax.Array, cols: jax.Array, seq_k: int, threshold: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 from flax import nnx
@@ -182,7 +183,7 @@ def keep_mask(key: jax.Array, rate: float, shape) -> jax.Array:
   return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, rng: str = "hash") -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, rng: str) -> jax.Array:
   """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0.
 
   `rng` is model.dropout_rng: "hash" hashes positions (`hashed_dropout`), the others draw the
@@ -210,6 +211,11 @@ def fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def index_seeds(words: jax.Array, index: jax.Array) -> jax.Array:
+  """uint32 seeds, one per entry of the uint32 `index`, from two uint32 `words` of a key."""
+  return fmix32(fmix32(index ^ words[0]) + words[1])
+
+
 def dropout_threshold(rate: float) -> int:
   """A uint32 hash at least this is kept: probability 1 - rate."""
   return min(int(round(rate * 2.0**32)), 2**32 - 1)
@@ -223,13 +229,10 @@ def hashed_dropout_mask(words: jax.Array, shape, rate: float) -> jax.Array:
   Everything is computed from iotas of the global shape, so under jit the mask is the same on
   every mesh, and it fuses into its consumer: no random bits are written to memory.
   """
-  row_size = 1
-  for n in shape[1:]:
-    row_size *= n
-  if row_size >= 2**32:
+  if math.prod(shape[1:]) >= 2**32:
     raise ValueError(f"hashed dropout needs fewer than 2^32 elements per batch row; got {shape}")
-  rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-  seed = fmix32(fmix32(rows ^ words[0]) + words[1])
+  seed = index_seeds(words, jnp.arange(shape[0], dtype=jnp.uint32))
+  seed = seed.reshape((shape[0],) + (1,) * (len(shape) - 1))
   offset = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for dim in range(len(shape) - 1, 0, -1):
