@@ -425,4 +425,25 @@ def test_held_out_batches_are_read_once_and_scored_the_same():
     first = train.evaluate(eval_step, state.params, batches, mesh)
     second = train.evaluate(eval_step, state.params, batches, mesh)
   assert first == second and first["loss"] > 0
+  assert first != train.evaluate(eval_step, state.params, batches[:1], mesh)   # scores them all
   assert train.evaluate(eval_step, state.params, [], mesh) == {}
+
+
+def test_training_loop_opens_the_eval_stream_once(tmp_path, monkeypatch):
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from pretrain import train  # pylint: disable=g-import-not-at-top
+  opened = []
+  make_source = train.make_source
+
+  def counting(config, *, split):
+    opened.append(split)
+    return make_source(config, split=split)
+
+  monkeypatch.setattr(train, "make_source", counting)
+  config = tiny_config(**{"train.num_train_steps": 4, "train.eval_every_steps": 2,
+                          "ckpt.save_interval_steps": 100})
+  train.run(config, str(tmp_path))
+  assert opened.count("eval") == 1
+  evals = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
+           if any(k.startswith("eval/") for k in json.loads(line))]
+  assert evals == [2, 4]
