@@ -196,70 +196,100 @@ def _specs_bsnd(block, d, index):
   return pl.BlockSpec((None, block, None, d), index)
 
 
-def _forward(q, k, v, valid, seeds, rate, block_q, block_k, num_warps, num_stages, interpret):
+def _specs_qkv(block, d, index, c):
+  """The same blocks of q (c=0), k (1) or v (2) inside the packed (b, s, 3, n, d) QKV array."""
+  def packed_index(*grid):
+    j, i, h, _ = index(*grid)
+    return j, i, c, h, 0
+  return pl.BlockSpec((None, block, None, None, d), packed_index)
+
+
+def _inputs_and_specs(qkv, block, index):
+  """(arrays, block specs) of q, k, v: three (b, s, n, d) arrays, or one packed (b, s, 3, n, d)."""
+  if isinstance(qkv, tuple):
+    return list(qkv), [_specs_bsnd(block, qkv[0].shape[-1], index)] * 3
+  return [qkv] * 3, [_specs_qkv(block, qkv.shape[-1], index, c) for c in range(3)]
+
+
+def _forward(qkv, valid, seeds, rate, block_q, block_k, num_warps, num_stages, interpret):
+  q = qkv[0] if isinstance(qkv, tuple) else qkv[:, :, 0]
   b, s, n, d = q.shape
   block_q, block_k = _block(s, block_q), _block(s, block_k)
   full = lambda i, j, h: (j, 0, h, 0)                                  # noqa: E731
   tile = lambda i, j, h: (j, i, h, 0)                                  # noqa: E731
+  arrays, specs = _inputs_and_specs(qkv, s, full)
+  specs[0] = _inputs_and_specs(qkv, block_q, tile)[1][0]                # q: one block of queries
   kernel = functools.partial(_forward_kernel, scale=d ** -0.5, rate=rate, block_q=block_q,
                              block_k=block_k)
   return pl.pallas_call(
       kernel,
       grid=(s // block_q, b, n),
-      in_specs=[_specs_bsnd(block_q, d, tile), _specs_bsnd(s, d, full), _specs_bsnd(s, d, full),
-                pl.BlockSpec((None, s), lambda i, j, h: (j, 0)),
-                pl.BlockSpec((None, None), lambda i, j, h: (j, h))],
+      in_specs=specs + [pl.BlockSpec((None, s), lambda i, j, h: (j, 0)),
+                        pl.BlockSpec((None, None), lambda i, j, h: (j, h))],
       out_specs=[_specs_bsnd(block_q, d, tile),
                  pl.BlockSpec((None, None, block_q), lambda i, j, h: (j, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=[jax.ShapeDtypeStruct((b, s, n, d), q.dtype),
                  jax.ShapeDtypeStruct((b, n, s), jnp.float32)],
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps,
                                                                   num_stages=num_stages),
       interpret=interpret, name="dropout_attention_fwd",
-  )(q, k, v, valid, seeds)
+  )(*arrays, valid, seeds)
 
 
-def _backward(q, k, v, valid, seeds, o, lse, do, rate, block, num_warps, num_stages,
-              interpret):
-  b, s, n, d = q.shape
+def _packed_backward_kernel(*refs, **kwargs):
+  """`_backward_kernel` writing dQ, dK, dV into one (block, 3, head_dim) block of dQKV."""
+  *inputs, dqkv_ref = refs
+  _backward_kernel(*inputs, *(dqkv_ref.at[:, c, :] for c in range(3)), **kwargs)
+
+
+def _backward(qkv, valid, seeds, o, lse, do, rate, block, num_warps, num_stages, interpret):
+  packed = not isinstance(qkv, tuple)
+  b, s, n, d = o.shape
   block = _block(s, block)
   # delta_i = sum_j P_ij dP_ij = do_i . o_i, dropout included (dP carries the same mask as P).
   delta = jnp.einsum("bsnd,bsnd->bns", o.astype(jnp.float32), do.astype(jnp.float32))
   full = lambda j, h, t: (j, 0, h, 0)                                  # noqa: E731
   tile = lambda j, h, t: (j, t, h, 0)                                  # noqa: E731
   row = pl.BlockSpec((None, None, s), lambda j, h, t: (j, h, 0))
-  kernel = functools.partial(_backward_kernel, scale=d ** -0.5, rate=rate, block=block)
+  arrays, specs = _inputs_and_specs(qkv, s, full)
+  kernel = functools.partial(_packed_backward_kernel if packed else _backward_kernel,
+                             scale=d ** -0.5, rate=rate, block=block)
+  if packed:
+    out_specs = pl.BlockSpec((None, block, 3, None, d), lambda j, h, t: (j, t, 0, h, 0))
+    out_shape = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)
+  else:
+    out_specs = [_specs_bsnd(block, d, tile)] * 3
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qkv]
   return pl.pallas_call(
       kernel,
       grid=(b, n, s // block),
-      in_specs=[_specs_bsnd(s, d, full), _specs_bsnd(s, d, full), _specs_bsnd(s, d, full),
-                pl.BlockSpec((None, s), lambda j, h, t: (j, 0)),
-                pl.BlockSpec((None, None), lambda j, h, t: (j, h)),
-                _specs_bsnd(s, d, full), row, row],
-      out_specs=[_specs_bsnd(block, d, tile)] * 3,
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
+      in_specs=specs + [pl.BlockSpec((None, s), lambda j, h, t: (j, 0)),
+                        pl.BlockSpec((None, None), lambda j, h, t: (j, h)),
+                        _specs_bsnd(s, d, full), row, row],
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps,
                                                                   num_stages=num_stages),
       interpret=interpret, name="dropout_attention_bwd",
-  )(q, k, v, valid, seeds, do, lse, delta)
+  )(*arrays, valid, seeds, do, lse, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused(q, k, v, valid, seeds, rate, blocks, interpret):
-  return _fused_fwd(q, k, v, valid, seeds, rate, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(qkv, valid, seeds, rate, blocks, interpret):
+  """`qkv`: a tuple (q, k, v) of (b, s, n, d) arrays or one packed (b, s, 3, n, d) array."""
+  return _fused_fwd(qkv, valid, seeds, rate, blocks, interpret)[0]
 
 
-def _fused_fwd(q, k, v, valid, seeds, rate, blocks, interpret):
-  o, lse = _forward(q, k, v, valid, seeds, rate, blocks[0], blocks[1], blocks[3], blocks[5],
+def _fused_fwd(qkv, valid, seeds, rate, blocks, interpret):
+  o, lse = _forward(qkv, valid, seeds, rate, blocks[0], blocks[1], blocks[3], blocks[5],
                     interpret)
-  return o, (q, k, v, valid, seeds, o, lse)
+  return o, (qkv, valid, seeds, o, lse)
 
 
 def _fused_bwd(rate, blocks, interpret, res, do):
-  q, k, v, valid, seeds, o, lse = res
-  dq, dk, dv = _backward(q, k, v, valid, seeds, o, lse, do, rate, blocks[2], blocks[4],
-                         blocks[5], interpret)
-  return dq, dk, dv, None, None
+  qkv, valid, seeds, o, lse = res
+  dqkv = _backward(qkv, valid, seeds, o, lse, do, rate, blocks[2], blocks[4], blocks[5],
+                   interpret)
+  return (tuple(dqkv) if isinstance(qkv, tuple) else dqkv), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -290,11 +320,25 @@ def fused_attention(q, k, v, lengths, seeds, rate: float, *, blocks=DEFAULT_BLOC
   if q.shape != k.shape or q.shape != v.shape:
     raise ValueError(f"fused attention needs q, k, v of one shape; got {q.shape}, {k.shape}, "
                      f"{v.shape}")
+  return _kernel((q, k, v), lengths, seeds, rate, blocks, interpret)
+
+
+def fused_qkv_attention(qkv, lengths, seeds, rate: float, *, blocks=DEFAULT_BLOCKS,
+                        interpret: bool = False):
+  """`fused_attention` of the packed (b, s, 3, n, d) projection: the kernels read q, k and v in
+  place (no slice copies) and the backward writes one packed gradient (no concatenation)."""
+  if qkv.ndim != 5 or qkv.shape[2] != 3:
+    raise ValueError(f"packed QKV must be (batch, seq, 3, heads, head_dim); got {qkv.shape}")
+  return _kernel(qkv, lengths, seeds, rate, blocks, interpret)
+
+
+def _kernel(qkv, lengths, seeds, rate, blocks, interpret):
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"attention dropout rate {rate} must be in [0, 1)")
-  valid = (jnp.arange(k.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+  seq = qkv[0].shape[1] if isinstance(qkv, tuple) else qkv.shape[1]
+  valid = (jnp.arange(seq)[None, :] < lengths[:, None]).astype(jnp.int32)
   blocks = tuple(blocks) + DEFAULT_BLOCKS[len(blocks):]          # stages optional
-  return _fused(q, k, v, valid, seeds, float(rate), blocks, interpret)
+  return _fused(qkv, valid, seeds, float(rate), blocks, interpret)
 
 
 def dropout_attention(q, k, v, lengths, key, rate: float, *, use_kernel: bool | None = None,
@@ -309,20 +353,40 @@ def dropout_attention(q, k, v, lengths, key, rate: float, *, use_kernel: bool | 
   `pretrain.sharding` places them); the plane seeds are computed from global indices first, so
   the masks do not depend on the mesh.
   """
-  b, s, n, d = q.shape
+  return _dispatch((q, k, v), lengths, key, rate, use_kernel, blocks, interpret)
+
+
+def qkv_dropout_attention(qkv, lengths, key, rate: float, *, use_kernel: bool | None = None,
+                          blocks=DEFAULT_BLOCKS, interpret: bool = False):
+  """`dropout_attention` of the packed (batch, seq, 3, heads, head_dim) QKV projection."""
+  return _dispatch(qkv, lengths, key, rate, use_kernel, blocks, interpret)
+
+
+def _dispatch(qkv, lengths, key, rate, use_kernel, blocks, interpret):
+  packed = not isinstance(qkv, tuple)
+  b, s, n, d = qkv[:, :, 0].shape if packed else qkv[0].shape
   seeds = plane_seeds(key, b, n)
   if use_kernel is None:
     use_kernel = (jax.default_backend() == "gpu" and plgpu is not None
                   and kernel_supports(s, d))
   if not use_kernel:
+    q, k, v = (qkv[:, :, c] for c in range(3)) if packed else qkv
     return reference_attention(q, k, v, lengths, seeds, rate)
   blocks = _fit_blocks(s, blocks)
+  if packed:
+    fn = functools.partial(fused_qkv_attention, rate=rate, blocks=blocks, interpret=interpret)
+    args = (qkv,)
+  else:
+    fn = functools.partial(fused_attention, rate=rate, blocks=blocks, interpret=interpret)
+    args = qkv
   mesh = jax.sharding.get_abstract_mesh()
-  fn = functools.partial(fused_attention, rate=rate, blocks=blocks, interpret=interpret)
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
-    return fn(q, k, v, lengths, seeds)
+    return fn(*args, lengths, seeds)
   act = sharding.logical_to_spec(("batch", "seq", "act_heads", "act_kv"))
+  act_in = (act,) * 3
+  if packed:
+    act_in = (sharding.logical_to_spec(("batch", "seq", None, "act_heads", "act_kv")),)
   spec_seeds = sharding.logical_to_spec(("batch", "act_heads"))
   spec_len = sharding.logical_to_spec(("batch",))
-  return jax.shard_map(fn, in_specs=(act, act, act, spec_len, spec_seeds), out_specs=act,
-                       check_vma=False)(q, k, v, lengths, seeds)
+  return jax.shard_map(fn, in_specs=(*act_in, spec_len, spec_seeds), out_specs=act,
+                       check_vma=False)(*args, lengths, seeds)
