@@ -10,6 +10,7 @@
 - `dropout_rng="hash"` (the default): hashed masks keep 1 - rate, are uncorrelated across
   neighbours and keys, do not depend on the mesh, and its backward pass recomputes the same mask.
 - the exact GELU in its erf form equals jax.nn.gelu's erfc form.
+- dropout divides kept values by 1 - rate in float32 (as a bfloat16 constant, 0.9 is 0.8984375).
 - a scanned model trains on a mesh: one sharded train step equals the unrolled model's.
 """
 
@@ -187,3 +188,11 @@ def test_scanned_train_step_on_mesh_equals_unrolled():
   np.testing.assert_allclose(float(s_metrics["loss"]), float(u_metrics["loss"]), rtol=1e-6)
   assert_trees_close(unstack_layer_params(jax.device_get(s_state.params)),
                      jax.device_get(u_state.params), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_scales_kept_values_in_float32():
+  x = jnp.full((4, 64), 100.0, jnp.bfloat16)
+  for rng in ("hash", "threefry"):
+    y = layers.dropout(x, 0.1, jax.random.key(0), rng)
+    kept = np.float32(y)[np.float32(y) != 0]
+    assert kept.size and np.all(kept == np.float32(jnp.bfloat16(100.0 / 0.9))), (rng, kept[:4])
