@@ -45,6 +45,7 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
       logits_grad_dtype="float32",   # float32 | bfloat16 gradient into the logits' backward matmuls
       mlm_gather="one_hot",          # one_hot (a matmul) | take (XLA GPU then lays activations
                                      # out batch-minor and transposes them in every layer)
+      residual_norm_impl="fused",    # fused (GPU kernel: residual add, dropout, LayerNorm) | xla
   ))
 
 

@@ -43,6 +43,8 @@ class BertConfig:
   logits_grad_dtype: str = "float32"    # float32 | bfloat16: dtype of the float32 logits' gradient
                                         # fed to the backward matmuls (MLM decoder, attention scores)
   mlm_gather: str = "one_hot"           # one_hot | take: how the MLM head picks masked positions
+  residual_norm_impl: str = "fused"     # fused | xla: LayerNorm(residual + dropout(branch + bias))
+                                        # as one Pallas kernel pair on GPUs (pretrain/residual_norm.py)
 
   @classmethod
   def from_config(cls, model_config: Any) -> BertConfig:
@@ -66,7 +68,8 @@ class BertConfig:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla or cudnn")
     choices = dict(remat_policy=tuple(REMAT_POLICIES), dropout_rng=DROPOUT_RNGS,
                    attention_dropout_impl=("reference", "lean", "fused"),
-                   logits_grad_dtype=("float32", "bfloat16"), mlm_gather=("take", "one_hot"))
+                   logits_grad_dtype=("float32", "bfloat16"), mlm_gather=("take", "one_hot"),
+                   residual_norm_impl=("fused", "xla"))
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {list(allowed)}")
@@ -315,9 +318,9 @@ class Dense(nnx.Module):
     self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), ("norm",), config)
     self.dtype = config.compute_dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, add_bias: bool = True) -> jax.Array:
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return y + self.bias[...].astype(self.dtype) if add_bias else y
 
 
 class LayerNorm(nnx.Module):

@@ -17,7 +17,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from pretrain import attention, sharding
+from pretrain import attention, residual_norm, sharding
 from pretrain.heads import MLMHead, NSPHead
 from pretrain.layers import (REMAT_POLICIES, BertConfig, Dense, LayerNorm, activation, dropout,
                              dropout_key, einsum_f32_out, keep_mask, normal_init, param,
@@ -64,33 +64,36 @@ class SelfAttention(nnx.Module):
     self.dropout_impl = config.attention_dropout_impl
     self.grad_dtype = config.logits_grad_dtype
 
-  def __call__(self, x, lengths, key):
+  def __call__(self, x, lengths, key, *, add_bias: bool = True):
+    """Attention of x over itself; `add_bias=False` leaves the output bias to the caller."""
     dt = self.dtype
     # (batch, seq, 3, heads, head_dim): the GEMM's natural output order. Putting the qkv axis first
     # ("cbsnd") costs a transpose; this order made the cuDNN step 6% faster on an H200.
     qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.qkv_kernel[...].astype(dt))
     qkv = qkv + self.qkv_bias[...].astype(dt)
-    q, k, v = (sharding.constrain(qkv[:, :, i], ("batch", "seq", "act_heads", "act_kv"))
-               for i in range(3))
     if key is not None and self.dropout_rate > 0.0:
-      ctx = self._attention_with_dropout(q, k, v, lengths, key)
+      ctx = self._attention_with_dropout(qkv, lengths, key)
     else:
+      q, k, v = _split_qkv(qkv)
       ctx = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                          implementation=self.impl)
     out = jnp.einsum("bsnd,ndh->bsh", ctx, self.out_kernel[...].astype(dt))
-    return out + self.out_bias[...].astype(dt)
+    return out + self.out_bias[...].astype(dt) if add_bias else out
 
-  def _attention_with_dropout(self, q, k, v, lengths, key):
+  def _attention_with_dropout(self, qkv, lengths, key):
     """Attention-probability dropout, which `jax.nn.dot_product_attention` does not offer.
 
     `model.attention_dropout_impl`: "reference" differentiates softmax and dropout by plain
     autodiff (float32 probabilities kept for the backward pass); "lean" computes the same forward
     values through `layers.softmax_dropout`, whose backward keeps bfloat16 probabilities; "fused"
     runs `pretrain.attention`'s Pallas kernel on GPUs (its jax.numpy twin elsewhere), whose masks
-    are hashed from the key rather than drawn with threefry (other masks, same distribution).
+    are hashed from the key rather than drawn with threefry (other masks, same distribution). The
+    kernel reads q, k and v from the packed projection in place.
     """
     if self.dropout_impl == "fused":
-      return attention.dropout_attention(q, k, v, lengths, key, self.dropout_rate)
+      qkv = sharding.constrain(qkv, ("batch", "seq", None, "act_heads", "act_kv"))
+      return attention.qkv_dropout_attention(qkv, lengths, key, self.dropout_rate)
+    q, k, v = _split_qkv(qkv)
     scale = q.shape[-1] ** -0.5
     logits = einsum_f32_out("bqnd,bknd->bnqk", q, k, self.grad_dtype) * scale
     valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]            # (batch, key)
@@ -104,8 +107,22 @@ class SelfAttention(nnx.Module):
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
+def _split_qkv(qkv):
+  """q, k, v of the packed (batch, seq, 3, heads, head_dim) projection."""
+  return (sharding.constrain(qkv[:, :, i], ("batch", "seq", "act_heads", "act_kv"))
+          for i in range(3))
+
+
 class EncoderLayer(nnx.Module):
-  """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+  """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+  Each `LN(x + dropout(branch + bias))` is one Pallas kernel pair on GPUs
+  (`model.residual_norm_impl="fused"`, `pretrain/residual_norm.py`, hashed masks as
+  `layers.hashed_dropout`'s), the same chain in jax.numpy elsewhere. Each such output feeds two
+  consumers (the next residual add and the next branch), so it is handed on as a pair of the same
+  array, `(for the residual, for the branch)`: the kernel's backward then adds the two gradients
+  itself. A layer takes x or such a pair and returns a pair.
+  """
 
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     h, m = config.hidden_size, config.intermediate_size
@@ -117,18 +134,32 @@ class EncoderLayer(nnx.Module):
     self.activation = activation(config.hidden_act)
     self.dropout_rate = config.hidden_dropout
     self.dropout_rng = config.dropout_rng
+    self.residual_norm_impl = config.residual_norm_impl
 
   def __call__(self, x, lengths, key):
     attn_key, attn_out_key, ffn_key = split_key(key, 3)
-    a = self.attention(x, lengths, attn_key)
-    a = dropout(a, self.dropout_rate, attn_out_key, self.dropout_rng)
-    x = self.attention_layer_norm(x + a)
-    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    x_res, x = x if isinstance(x, tuple) else (x, x)
+    a = self.attention(x, lengths, attn_key, add_bias=False)
+    x_res, x = self._add_norm(x_res, a, self.attention.out_bias, self.attention_layer_norm,
+                              attn_out_key)
     f = self.activation(self.intermediate(x))
     f = sharding.constrain(f, ("batch", "seq", "act_mlp"))
-    f = dropout(self.output(f), self.dropout_rate, ffn_key, self.dropout_rng)
-    x = self.output_layer_norm(x + f)
-    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+    f = self.output(f, add_bias=False)
+    return self._add_norm(x_res, f, self.output.bias, self.output_layer_norm, ffn_key)
+
+  def _add_norm(self, residual, branch, bias, norm: LayerNorm, key):
+    """norm(residual + dropout(branch + bias)), twice: (for the residual, for the branch)."""
+    rate = 0.0 if key is None else self.dropout_rate
+    fused = (self.residual_norm_impl == "fused" and residual_norm.use_kernel(residual.shape[-1])
+             and (rate == 0.0 or self.dropout_rng == "hash"))
+    if fused:
+      words = None if rate == 0.0 else jax.random.bits(key, (2,), jnp.uint32)
+      y = residual_norm.fused(residual, branch, bias[...], norm.scale[...], norm.bias[...],
+                              words, rate, norm.eps, fork=True)
+    else:
+      branch = dropout(branch + bias[...].astype(branch.dtype), rate, key, self.dropout_rng)
+      y = (norm(residual + branch),) * 2
+    return tuple(sharding.constrain(a, ("batch", "seq", "act_embed")) for a in y)
 
 
 class BertModel(nnx.Module):
@@ -174,18 +205,19 @@ class BertModel(nnx.Module):
       def body(h, xs):
         layer_state, layer_key = xs
         h = nnx.merge(graphdef, layer_state)(h, lengths, layer_key)
-        return h, (h if all_layers else None)
+        return h, (h[1] if all_layers else None)
 
       if policy is not None:
         body = jax.checkpoint(body, policy=policy)
       embedded = x
-      x, ys = jax.lax.scan(body, x, (state, layer_keys))
+      (_, x), ys = jax.lax.scan(body, (x, x), (state, layer_keys))
       hidden = [embedded, *ys] if all_layers else None
     else:
       hidden = [x]
       for i, layer in enumerate(self.layers):
         x = _apply_layer(layer, x, lengths, None if layer_keys is None else layer_keys[i], policy)
-        hidden.append(x)
+        hidden.append(x[1])
+      x = x[1]            # a layer returns (for the next residual, for the next branch)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
     return (x, pooled, tuple(hidden)) if all_layers else (x, pooled)
 

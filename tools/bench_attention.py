@@ -59,7 +59,7 @@ def _xla_path(impl: str, rate: float):
   holder = type("Holder", (), {})()         # the three attributes the method reads
   holder.dropout_rate, holder.dropout_impl, holder.grad_dtype = rate, impl, "bfloat16"
   method = SelfAttention._attention_with_dropout  # pylint: disable=protected-access
-  return lambda q, k, v, lengths, key: method(holder, q, k, v, lengths, key)
+  return lambda q, k, v, lengths, key: method(holder, jnp.stack([q, k, v], 2), lengths, key)
 
 
 def _fwd_bwd(f):

@@ -39,10 +39,11 @@ _PEER_PROCS = flags.DEFINE_integer("peer_procs", 2, "Peer processes compiling si
 _DEADLINE = flags.DEFINE_float("deadline_s", 1e9, "Skip what is left after this many seconds.")
 _WAIT = flags.DEFINE_float("peer_wait_s", 240, "Longest wait for the other side's compilation.")
 
-# The rows' shapes, on the "plain" path: XLA's explicit attention, threefry dropout masks and the
-# take_along_axis MLM gather (every speed switch off but the GELU's erf form).
+# The rows' shapes, on the "plain" path: XLA's explicit attention, threefry dropout masks, the
+# take_along_axis MLM gather and XLA's LayerNorm chain (every speed switch off but the GELU's erf
+# form).
 PLAIN = {"model.attention_dropout_impl": "reference", "model.dropout_rng": "threefry",
-         "model.mlm_gather": "take"}
+         "model.mlm_gather": "take", "model.residual_norm_impl": "xla"}
 BASE128 = {"variant": "base", "train.global_batch_size": 256, "data.max_seq_length": 128,
            "data.max_predictions_per_seq": 20, **PLAIN}
 LARGE128 = {"variant": "large", "train.global_batch_size": 128, "data.max_seq_length": 128,
@@ -54,10 +55,14 @@ TINY32 = {"variant": "tiny", "train.global_batch_size": 8, "data.max_seq_length"
 NO_DROPOUT = {"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
 FAST_BWD = {"model.logits_grad_dtype": "bfloat16", "model.attention_dropout_impl": "lean"}
 FAST = {**FAST_BWD, "model.dropout_rng": "rbg"}
-# The model's defaults (the fused attention kernel, hashed hidden dropout, one-hot MLM gather),
-# stated over the plain shapes, plus bf16 gradients into the MLM decoder's backward GEMMs.
+# The model's defaults (the fused attention kernel, hashed hidden dropout, one-hot MLM gather, the
+# residual + dropout + LayerNorm kernels), stated over the plain shapes, plus bf16 gradients into
+# the MLM decoder's backward GEMMs.
 FUSED = {"model.attention_dropout_impl": "fused", "model.dropout_rng": "hash",
-         "model.mlm_gather": "one_hot", "model.logits_grad_dtype": "bfloat16"}
+         "model.mlm_gather": "one_hot", "model.residual_norm_impl": "fused",
+         "model.logits_grad_dtype": "bfloat16"}
+# the defaults of 2026-11-26 afternoon: XLA's LayerNorm chain, q/k/v sliced before the kernel
+BEFORE_1127 = {**FUSED, "model.residual_norm_impl": "xla", "hook": "separate_qkv"}
 
 # name -> overrides of configs/pretrain.py:VARIANT; listed in the order they are timed.
 PLANS = {
@@ -139,16 +144,36 @@ PLANS = {
         "large512_d11_plain": {**LARGE512},
     },
     # 2026-11-26 afternoon, one change at a time from the morning's code (a hook puts back the
-    # erfc GELU): hashed hidden dropout, erf GELU, one-hot MLM gather (= the defaults)
+    # erfc GELU): hashed hidden dropout, erf GELU, one-hot MLM gather (= that afternoon's defaults)
     "levers": {
-        "base128_d11_before": {**BASE128, **FUSED, "model.dropout_rng": "threefry",
-                               "model.mlm_gather": "take", "hook": "erfc_gelu"},
-        "base128_d11_hash": {**BASE128, **FUSED, "model.mlm_gather": "take", "hook": "erfc_gelu"},
-        "base128_d11_hash_erf": {**BASE128, **FUSED, "model.mlm_gather": "take"},
+        "base128_d11_before": {**BASE128, **BEFORE_1127, "model.dropout_rng": "threefry",
+                               "model.mlm_gather": "take", "hook": "erfc_gelu+separate_qkv"},
+        "base128_d11_hash": {**BASE128, **BEFORE_1127, "model.mlm_gather": "take",
+                             "hook": "erfc_gelu+separate_qkv"},
+        "base128_d11_hash_erf": {**BASE128, **BEFORE_1127, "model.mlm_gather": "take"},
+        "base128_d11_default": {**BASE128, **BEFORE_1127},
+        "large512_d11_before": {**LARGE512, **BEFORE_1127, "model.dropout_rng": "threefry",
+                                "model.mlm_gather": "take", "hook": "erfc_gelu+separate_qkv"},
+        "large512_d11_default": {**LARGE512, **BEFORE_1127},
+    },
+    # 2026-11-27, one change at a time from the afternoon's defaults: the packed QKV read by the
+    # attention kernel, then the residual + dropout + LayerNorm kernels, first with XLA adding
+    # the two gradients of each output ("no_fork"), then adding them itself (= the defaults)
+    "kernels": {
+        "base128_d11_before": {**BASE128, **BEFORE_1127},
+        "base128_d11_packed": {**BASE128, **FUSED, "model.residual_norm_impl": "xla"},
+        "base128_d11_no_fork": {**BASE128, **FUSED, "hook": "no_fork"},
         "base128_d11_default": {**BASE128, **FUSED},
-        "large512_d11_before": {**LARGE512, **FUSED, "model.dropout_rng": "threefry",
-                                "model.mlm_gather": "take", "hook": "erfc_gelu"},
+        "base128_d11_resnorm_only": {**BASE128, **FUSED, "hook": "separate_qkv"},
+        "large512_d11_before": {**LARGE512, **BEFORE_1127},
         "large512_d11_default": {**LARGE512, **FUSED},
+        "large512_d11_no_fork": {**LARGE512, **FUSED, "hook": "no_fork"},
+        "large128_d11_before": {**LARGE128, **BEFORE_1127},
+        "large128_d11_default": {**LARGE128, **FUSED},
+        "base128_d00_cudnn_before": {**BASE128, **NO_DROPOUT, **BEFORE_1127,
+                                     "model.attention_impl": "cudnn"},
+        "base128_d00_cudnn_default": {**BASE128, **NO_DROPOUT, **FUSED,
+                                      "model.attention_impl": "cudnn"},
     },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
         "tiny_plain": {**TINY32},
@@ -156,6 +181,8 @@ PLANS = {
         "tiny_fastbwd": {**TINY32, **FAST_BWD},
         "tiny_fused_twin": {**TINY32, **FUSED, "hook": "fused_twin"},
         "tiny_before": {**TINY32, **FUSED, "hook": "erfc_gelu"},
+        "tiny_before_1127": {**TINY32, **BEFORE_1127},
+        "tiny_no_fork": {**TINY32, **FUSED, "hook": "no_fork"},
     },
 }
 PEERS = {   # the peer runs once per (model, batch, sequence, dropout)
@@ -176,6 +203,7 @@ PROFILES = {"gather_check": ["base128_d11_onehot"],
             "table": ["large512_d11_fused", "base128_d11_fused"],
             "issue6": ["base128_d00_cudnn_plain", "base128_d11_plain", "base128_d11_fast"],
             "levers": ["base128_d11_default", "large512_d11_default"],
+            "kernels": ["base128_d11_default", "large512_d11_default"],
             "smoke": ["tiny_fast"]}
 # pairs whose loss at the same initial parameters, batch and key must be equal (same masks)
 SAME_LOSS = {"fused": [("base128_d11_fused", "base128_d11_fused_twin"),
@@ -186,13 +214,16 @@ SAME_LOSS = {"fused": [("base128_d11_fused", "base128_d11_fused_twin"),
              "issue6": [("base128_d00_cudnn_plain", "base128_d00_cudnn_fast"),
                         ("base128_d11_plain", "base128_d11_fastbwd_threefry")],
              "table": [("base128_d11_fused", "base128_d11_fused_twin")],
+             "kernels": [("base128_d11_before", "base128_d11_default"),
+                         ("large512_d11_before", "large512_d11_default"),
+                         ("base128_d00_cudnn_before", "base128_d00_cudnn_default")],
              "table_1122": [("base128_d11_plain", "base128_d11_fastbwd"),
                        ("large128_d11_plain", "large128_d11_fastbwd"),
                        ("large512_d11_plain", "large512_d11_fastbwd")],
              "smoke": [("tiny_plain", "tiny_fastbwd")]}
 
 
-def _cudnn_private_dropout(self, q, k, v, lengths, key):
+def _cudnn_private_dropout(self, qkv, lengths, key):
   """Attention-probability dropout inside cuDNN's fused kernel, through jax's private cuDNN module.
 
   An EXPERIMENT to size what the fused path would give; the model never does this: the module is
@@ -201,6 +232,7 @@ def _cudnn_private_dropout(self, q, k, v, lengths, key):
   """
   del key
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  q, k, v = (qkv[:, :, c] for c in range(3))
   return fa.dot_product_attention(
       q, k, v, q_seqlen=lengths, kv_seqlen=lengths, scale=q.shape[-1] ** -0.5,
       mask_type=fa.MaskType.PADDING, dropout_rate=self.dropout_rate, qkv_layout="BTNH")
@@ -215,16 +247,31 @@ def _erfc_gelu(name):
   return layers.activation(name)
 
 
+def _separate_qkv(qkv, *args, **kwargs):
+  """The attention kernel as before 2026-11-27: q, k, v sliced (copied) out of the projection."""
+  from pretrain import attention  # pylint: disable=g-import-not-at-top
+  return attention.dropout_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], *args, **kwargs)
+
+
 def _hooks():
   """name -> (object, attribute, replacement) patched while a configuration is traced."""
-  from pretrain import attention, model  # pylint: disable=g-import-not-at-top
+  from pretrain import attention, model, residual_norm  # pylint: disable=g-import-not-at-top
   from pretrain.model import SelfAttention  # pylint: disable=g-import-not-at-top
-  kernel_path = attention.dropout_attention
+  kernel_path = attention.qkv_dropout_attention
   twin = lambda *args, **kw: kernel_path(*args, **{**kw, "use_kernel": False})  # noqa: E731
+  norm_kernels = residual_norm.fused
+
+  def no_fork(*args, fork=False, **kwargs):
+    """The residual-norm kernels with one output: XLA adds its two consumers' gradients."""
+    y = norm_kernels(*args, **kwargs)
+    return (y, y) if fork else y
+
   return {"cudnn_private_dropout": (SelfAttention, "_attention_with_dropout",
                                     _cudnn_private_dropout),
-          "fused_twin": (attention, "dropout_attention", twin),
-          "erfc_gelu": (model, "activation", _erfc_gelu)}
+          "fused_twin": (attention, "qkv_dropout_attention", twin),
+          "erfc_gelu": (model, "activation", _erfc_gelu),
+          "separate_qkv": (attention, "qkv_dropout_attention", _separate_qkv),
+          "no_fork": (residual_norm, "fused", no_fork)}
 
 
 def prepare_with_hook(name: str, overrides: dict):
