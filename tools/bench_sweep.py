@@ -62,7 +62,7 @@ FUSED = {"model.attention_dropout_impl": "fused", "model.dropout_rng": "hash",
          "model.mlm_gather": "one_hot", "model.residual_norm_impl": "fused",
          "model.logits_grad_dtype": "bfloat16"}
 # the defaults of 2026-11-26 afternoon: XLA's LayerNorm chain, q/k/v sliced before the kernel
-BEFORE_1127 = {**FUSED, "model.residual_norm_impl": "xla", "hook": "separate_qkv"}
+AFTERNOON = {**FUSED, "model.residual_norm_impl": "xla", "hook": "separate_qkv"}
 
 # name -> overrides of configs/pretrain.py:VARIANT; listed in the order they are timed.
 PLANS = {
@@ -146,31 +146,32 @@ PLANS = {
     # 2026-11-26 afternoon, one change at a time from the morning's code (a hook puts back the
     # erfc GELU): hashed hidden dropout, erf GELU, one-hot MLM gather (= that afternoon's defaults)
     "levers": {
-        "base128_d11_before": {**BASE128, **BEFORE_1127, "model.dropout_rng": "threefry",
+        "base128_d11_before": {**BASE128, **AFTERNOON, "model.dropout_rng": "threefry",
                                "model.mlm_gather": "take", "hook": "erfc_gelu+separate_qkv"},
-        "base128_d11_hash": {**BASE128, **BEFORE_1127, "model.mlm_gather": "take",
+        "base128_d11_hash": {**BASE128, **AFTERNOON, "model.mlm_gather": "take",
                              "hook": "erfc_gelu+separate_qkv"},
-        "base128_d11_hash_erf": {**BASE128, **BEFORE_1127, "model.mlm_gather": "take"},
-        "base128_d11_default": {**BASE128, **BEFORE_1127},
-        "large512_d11_before": {**LARGE512, **BEFORE_1127, "model.dropout_rng": "threefry",
+        "base128_d11_hash_erf": {**BASE128, **AFTERNOON, "model.mlm_gather": "take"},
+        "base128_d11_default": {**BASE128, **AFTERNOON},
+        "large512_d11_before": {**LARGE512, **AFTERNOON, "model.dropout_rng": "threefry",
                                 "model.mlm_gather": "take", "hook": "erfc_gelu+separate_qkv"},
-        "large512_d11_default": {**LARGE512, **BEFORE_1127},
+        "large512_d11_default": {**LARGE512, **AFTERNOON},
     },
-    # 2026-11-27, one change at a time from the afternoon's defaults: the packed QKV read by the
-    # attention kernel, then the residual + dropout + LayerNorm kernels, first with XLA adding
-    # the two gradients of each output ("no_fork"), then adding them itself (= the defaults)
+    # 2026-11-26 evening, one change at a time from the afternoon's defaults: the packed QKV
+    # read by the attention kernel, then the residual + dropout + LayerNorm kernels, first with
+    # XLA adding the two gradients of each output ("no_fork"), then adding them itself (= the
+    # defaults)
     "kernels": {
-        "base128_d11_before": {**BASE128, **BEFORE_1127},
+        "base128_d11_before": {**BASE128, **AFTERNOON},
         "base128_d11_packed": {**BASE128, **FUSED, "model.residual_norm_impl": "xla"},
         "base128_d11_no_fork": {**BASE128, **FUSED, "hook": "no_fork"},
         "base128_d11_default": {**BASE128, **FUSED},
         "base128_d11_resnorm_only": {**BASE128, **FUSED, "hook": "separate_qkv"},
-        "large512_d11_before": {**LARGE512, **BEFORE_1127},
+        "large512_d11_before": {**LARGE512, **AFTERNOON},
         "large512_d11_default": {**LARGE512, **FUSED},
         "large512_d11_no_fork": {**LARGE512, **FUSED, "hook": "no_fork"},
-        "large128_d11_before": {**LARGE128, **BEFORE_1127},
+        "large128_d11_before": {**LARGE128, **AFTERNOON},
         "large128_d11_default": {**LARGE128, **FUSED},
-        "base128_d00_cudnn_before": {**BASE128, **NO_DROPOUT, **BEFORE_1127,
+        "base128_d00_cudnn_before": {**BASE128, **NO_DROPOUT, **AFTERNOON,
                                      "model.attention_impl": "cudnn"},
         "base128_d00_cudnn_default": {**BASE128, **NO_DROPOUT, **FUSED,
                                       "model.attention_impl": "cudnn"},
@@ -181,7 +182,7 @@ PLANS = {
         "tiny_fastbwd": {**TINY32, **FAST_BWD},
         "tiny_fused_twin": {**TINY32, **FUSED, "hook": "fused_twin"},
         "tiny_before": {**TINY32, **FUSED, "hook": "erfc_gelu"},
-        "tiny_before_1127": {**TINY32, **BEFORE_1127},
+        "tiny_afternoon": {**TINY32, **AFTERNOON},
         "tiny_no_fork": {**TINY32, **FUSED, "hook": "no_fork"},
     },
 }
@@ -248,7 +249,8 @@ def _erfc_gelu(name):
 
 
 def _separate_qkv(qkv, *args, **kwargs):
-  """The attention kernel as before 2026-11-27: q, k, v sliced (copied) out of the projection."""
+  """The attention kernel as on 2026-11-26 afternoon: q, k, v sliced (copied) out of the
+  projection."""
   from pretrain import attention  # pylint: disable=g-import-not-at-top
   return attention.dropout_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], *args, **kwargs)
 
