@@ -4,7 +4,8 @@
       [--blocks="64,64,64,4,4,3;..."] [--no_dropout_too] [--json=FILE]
 
 For each (batch x seq x heads x head_dim) shape, in bfloat16 with dropout 0.1 and real padding
-(lengths from seq/2 to seq): first the kernel is checked against its jax.numpy twin
+(lengths from seq/2 to seq), on the packed (batch, seq, 3, heads, head_dim) projection the model
+hands over: first the kernel is checked against its jax.numpy twin
 (`pretrain.attention.reference_attention`, same hashed masks) on the same inputs, output and
 gradients; then the median time of one forward + backward over windows of back-to-back calls
 (one device sync per window) for XLA's paths (the model's "reference" and "lean" dropout, threefry
@@ -59,13 +60,13 @@ def _xla_path(impl: str, rate: float):
   holder = type("Holder", (), {})()         # the three attributes the method reads
   holder.dropout_rate, holder.dropout_impl, holder.grad_dtype = rate, impl, "bfloat16"
   method = SelfAttention._attention_with_dropout  # pylint: disable=protected-access
-  return lambda q, k, v, lengths, key: method(holder, jnp.stack([q, k, v], 2), lengths, key)
+  return lambda qkv, lengths, key: method(holder, qkv, lengths, key)
 
 
 def _fwd_bwd(f):
-  def loss(q, k, v, lengths, key, g):
-    return (f(q, k, v, lengths, key).astype(jnp.float32) * g).sum()
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  def loss(qkv, lengths, key, g):
+    return (f(qkv, lengths, key).astype(jnp.float32) * g).sum()
+  return jax.jit(jax.value_and_grad(loss))
 
 
 def main(argv):
@@ -76,37 +77,39 @@ def main(argv):
   rows = []
   for shape in _SHAPES.value:
     b, s, n, d = (int(x) for x in shape.split("x"))
-    keys = jax.random.split(jax.random.key(0), 6)
-    q, k, v, g = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in keys[:4])
-    lengths = jax.random.randint(keys[4], (b,), s // 2, s + 1)
-    key = keys[5]
+    keys = jax.random.split(jax.random.key(0), 4)
+    qkv = jax.random.normal(keys[0], (b, s, 3, n, d), jnp.bfloat16)    # the packed projection
+    g = jax.random.normal(keys[1], (b, s, n, d), jnp.bfloat16)
+    lengths = jax.random.randint(keys[2], (b,), s // 2, s + 1)
+    key = keys[3]
 
     # correctness against the jax.numpy twin (same masks), float32 math on bf16 inputs
-    twin = lambda q, k, v, lengths, key: attention.reference_attention(  # noqa: E731
-        q, k, v, lengths, attention.plane_seeds(key, b, n), rate)
-    ref_loss, ref_grads = _fwd_bwd(twin)(q, k, v, lengths, key, g)
+    twin = lambda qkv, lengths, key: attention.reference_attention(  # noqa: E731
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, attention.plane_seeds(key, b, n), rate)
+    ref_loss, ref_grad = _fwd_bwd(twin)(qkv, lengths, key, g)
     for blocks in _BLOCKS.value.split(";"):
       blk = tuple(int(x) for x in blocks.split(","))
-      kern = lambda q, k, v, lengths, key, blk=blk: attention.dropout_attention(  # noqa: E731
-          q, k, v, lengths, key, rate, use_kernel=True, blocks=blk)
+      kern = lambda qkv, lengths, key, blk=blk: attention.qkv_dropout_attention(  # noqa: E731
+          qkv, lengths, key, rate, use_kernel=True, blocks=blk)
       fn = _fwd_bwd(kern)
-      loss, grads = fn(q, k, v, lengths, key, g)
-      err = [float(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32)).max() /
-                   jnp.abs(r.astype(jnp.float32)).max()) for a, r in zip(grads, ref_grads)]
-      rows.append(dict(shape=shape, path=f"kernel {blocks}", ms=_time(fn, q, k, v, lengths, key, g)
+      loss, grad = fn(qkv, lengths, key, g)
+      err = [float(jnp.abs(grad[:, :, c].astype(jnp.float32) - ref_grad[:, :, c].astype(
+          jnp.float32)).max() / jnp.abs(ref_grad[:, :, c].astype(jnp.float32)).max())
+             for c in range(3)]
+      rows.append(dict(shape=shape, path=f"kernel {blocks}", ms=_time(fn, qkv, lengths, key, g)
                        * 1e3, loss=float(loss), ref_loss=float(ref_loss), grad_rel_err=err))
       print(json.dumps(rows[-1]), flush=True)
     if _NO_DROPOUT_TOO.value:
       blk = tuple(int(x) for x in _BLOCKS.value.split(";")[0].split(","))
-      fn = _fwd_bwd(lambda q, k, v, lengths, key: attention.dropout_attention(
-          q, k, v, lengths, key, 0.0, use_kernel=True, blocks=blk))
+      fn = _fwd_bwd(lambda qkv, lengths, key: attention.qkv_dropout_attention(
+          qkv, lengths, key, 0.0, use_kernel=True, blocks=blk))
       rows.append(dict(shape=shape, path=f"kernel {blk} without dropout",
-                       ms=_time(fn, q, k, v, lengths, key, g) * 1e3))
+                       ms=_time(fn, qkv, lengths, key, g) * 1e3))
       print(json.dumps(rows[-1]), flush=True)
     for name, f in [("xla reference (threefry)", _xla_path("reference", rate)),
                     ("xla lean (threefry)", _xla_path("lean", rate)),
                     ("xla hashed twin", twin)]:
-      t = _time(_fwd_bwd(f), q, k, v, lengths, key, g)
+      t = _time(_fwd_bwd(f), qkv, lengths, key, g)
       rows.append(dict(shape=shape, path=name, ms=t * 1e3))
       print(json.dumps(rows[-1]), flush=True)
   if _JSON.value:
