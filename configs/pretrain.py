@@ -36,7 +36,8 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
       initializer_range=0.02,
       dtype="bfloat16",              # compute dtype of matmuls and activations
       param_dtype="float32",
-      attention_impl="auto",         # jax.nn.dot_product_attention: "auto", "xla" or "cudnn"
+      attention_impl="auto",         # without attention dropout: jax.nn.dot_product_attention
+                                     # ("auto", "xla", "cudnn") or the fused kernel ("fused")
       # Speed switches (docs/benchmarks.md measures them); the defaults are the fastest on GPU.
       scan_layers=False,             # one lax.scan over stacked layers: params get a layer axis
       remat_policy="none",           # none | full | dots_saveable | dots_with_no_batch_dims_saveable

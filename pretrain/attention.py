@@ -365,7 +365,7 @@ def qkv_dropout_attention(qkv, lengths, key, rate: float, *, use_kernel: bool | 
 def _dispatch(qkv, lengths, key, rate, use_kernel, blocks, interpret):
   packed = not isinstance(qkv, tuple)
   b, s, n, d = qkv[:, :, 0].shape if packed else qkv[0].shape
-  seeds = plane_seeds(key, b, n)
+  seeds = plane_seeds(key, b, n) if rate > 0.0 else jnp.zeros((b, n), jnp.uint32)
   if use_kernel is None:
     use_kernel = (jax.default_backend() == "gpu" and plgpu is not None
                   and kernel_supports(s, d))

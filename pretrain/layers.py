@@ -64,8 +64,9 @@ class BertConfig:
                        f"model.num_heads={self.num_heads}")
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"model.hidden_act={self.hidden_act!r}; choose one of {sorted(_ACTIVATIONS)}")
-    if self.attention_impl not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla or cudnn")
+    if self.attention_impl not in ("auto", "xla", "cudnn", "fused"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose auto, xla, cudnn "
+                       "or fused")
     choices = dict(remat_policy=tuple(REMAT_POLICIES), dropout_rng=DROPOUT_RNGS,
                    attention_dropout_impl=("reference", "lean", "fused"),
                    logits_grad_dtype=("float32", "bfloat16"), mlm_gather=("take", "one_hot"),

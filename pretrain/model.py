@@ -73,6 +73,9 @@ class SelfAttention(nnx.Module):
     qkv = qkv + self.qkv_bias[...].astype(dt)
     if key is not None and self.dropout_rate > 0.0:
       ctx = self._attention_with_dropout(qkv, lengths, key)
+    elif self.impl == "fused":           # the dropout kernel at rate 0, on the packed projection
+      qkv = sharding.constrain(qkv, ("batch", "seq", None, "act_heads", "act_kv"))
+      ctx = attention.qkv_dropout_attention(qkv, lengths, None, 0.0)
     else:
       q, k, v = _split_qkv(qkv)
       ctx = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,

@@ -135,6 +135,9 @@ def test_model_fused_path_on_cpu():
   layer_off = SelfAttention(off, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(layer_off(x, lengths, jax.random.key(5)), layer(x, lengths, None),
                              atol=1e-6)
+  # attention_impl="fused": without dropout, the kernel at rate 0 (its twin on the CPU)
+  kernel_off = SelfAttention(dataclasses.replace(off, attention_impl="fused"), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(kernel_off(x, lengths, None), layer(x, lengths, None), atol=1e-6)
   with pytest.raises(ValueError, match="attention_dropout_impl"):
     dataclasses.replace(config, attention_dropout_impl="flash").validate()
 

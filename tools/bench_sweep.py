@@ -175,6 +175,9 @@ PLANS = {
                                      "model.attention_impl": "cudnn"},
         "base128_d00_cudnn_default": {**BASE128, **NO_DROPOUT, **FUSED,
                                       "model.attention_impl": "cudnn"},
+        # without dropout: the packed kernel at rate 0 instead of cuDNN on sliced q, k, v
+        "base128_d00_kernel": {**BASE128, **NO_DROPOUT, **FUSED, "model.attention_impl": "fused"},
+        "base128_d00_auto": {**BASE128, **NO_DROPOUT, **FUSED},
     },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
         "tiny_plain": {**TINY32},
