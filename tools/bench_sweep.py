@@ -97,6 +97,9 @@ PLANS = {
         "large512_d11_fused": {**LARGE512, **FUSED},
         "large512_d11_plain": {**LARGE512},
         "base128_d11_fused_twin": {**BASE128, **FUSED, "hook": "fused_twin"},
+        # 0 / 0 with the attention kernel at rate 0 (model.attention_impl=fused) instead of cuDNN
+        "base128_d00_kernel_fused": {**BASE128, **NO_DROPOUT, **FUSED,
+                                     "model.attention_impl": "fused"},
     },
     # the table of 2026-11-22 (before the fused kernel): plain and the fast backward (threefry)
     "table_1122": {
