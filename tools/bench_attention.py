@@ -15,8 +15,6 @@ masks; the hashed-mask twin) and the kernel at every block setting. GPU only.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 
 from pretrain import attention
 from pretrain.model import SelfAttention
+from tools import kernel_timing
 
 _SHAPES = flags.DEFINE_list("shapes", ["256x128x12x64", "128x128x16x64", "32x512x16x64"],
                             "batch x seq x heads x head_dim")
@@ -42,17 +41,7 @@ _JSON = flags.DEFINE_string("json", None, "Also append the results to this JSON-
 
 
 def _time(fn, *args) -> float:
-  """Median seconds per call, windows of back-to-back calls, after compilation and warm-up."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_WINDOWS.value):
-    start = time.perf_counter()
-    for _ in range(_CALLS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / _CALLS.value)
-  return statistics.median(times)
+  return kernel_timing.median_seconds(fn, *args, windows=_WINDOWS.value, calls=_CALLS.value)
 
 
 def _xla_path(impl: str, rate: float):
@@ -112,10 +101,7 @@ def main(argv):
       t = _time(_fwd_bwd(f), qkv, lengths, key, g)
       rows.append(dict(shape=shape, path=name, ms=t * 1e3))
       print(json.dumps(rows[-1]), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "a", encoding="utf-8") as f:
-      for r in rows:
-        f.write(json.dumps(dict(device=device.device_kind, **r)) + "\n")
+  kernel_timing.append_jsonl(_JSON.value, rows)
 
 
 if __name__ == "__main__":

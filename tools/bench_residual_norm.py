@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrain import residual_norm
+from tools import kernel_timing
 
 _SHAPES = flags.DEFINE_list("shapes", ["256x128x768", "128x128x1024", "32x512x1024"],
                             "batch x seq x hidden")
@@ -37,17 +36,7 @@ _JSON = flags.DEFINE_string("json", None, "Also append the results to this JSON-
 
 
 def _time(fn, *args) -> float:
-  """Median seconds per call, windows of back-to-back calls, after compilation and warm-up."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_WINDOWS.value):
-    start = time.perf_counter()
-    for _ in range(_CALLS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / _CALLS.value)
-  return statistics.median(times)
+  return kernel_timing.median_seconds(fn, *args, windows=_WINDOWS.value, calls=_CALLS.value)
 
 
 def _fwd_bwd(chain, rate):
@@ -84,10 +73,7 @@ def main(argv):
       rows.append(dict(shape=shape, path=f"kernel {blocks}", ms=_time(fn, *args) * 1e3,
                        loss=float(loss), ref_loss=float(ref_loss), grad_rel_err=err))
       print(json.dumps(rows[-1]), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "a", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(dict(device=device.device_kind, **row)) + "\n")
+  kernel_timing.append_jsonl(_JSON.value, rows)
 
 
 if __name__ == "__main__":
