@@ -234,6 +234,12 @@ def dropout_threshold(rate: float) -> int:
   return min(int(round(rate * 2.0**32)), 2**32 - 1)
 
 
+def hashed_keep(offset: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+  """Where hashed dropout keeps the element at uint32 `offset` of a batch row with `seed`:
+  fmix32(offset * GOLDEN + seed) >= rate * 2^32 (SplitMix-style), True w.p. 1 - rate."""
+  return fmix32(offset * jnp.uint32(GOLDEN) + seed) >= jnp.uint32(dropout_threshold(rate))
+
+
 def hashed_dropout_mask(words: jax.Array, shape, rate: float) -> jax.Array:
   """bool `shape` = (batch, ...): where hashed dropout keeps an element, True w.p. 1 - rate.
 
@@ -251,7 +257,7 @@ def hashed_dropout_mask(words: jax.Array, shape, rate: float) -> jax.Array:
   for dim in range(len(shape) - 1, 0, -1):
     offset = offset + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
     stride *= shape[dim]
-  return fmix32(offset * jnp.uint32(GOLDEN) + seed) >= jnp.uint32(dropout_threshold(rate))
+  return hashed_keep(offset, seed, rate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

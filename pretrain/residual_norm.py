@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pretrain import sharding
-from pretrain.layers import GOLDEN, dropout_threshold, fmix32, hashed_dropout, index_seeds
+from pretrain.layers import hashed_dropout, hashed_keep, index_seeds
 
 try:                                   # the Triton backend of Pallas (jaxlib's GPU build has it)
   from jax.experimental.pallas import triton as plgpu
@@ -71,11 +71,11 @@ def _chunks(hidden: int) -> list[pl.Slice]:
   return [pl.ds(c, chunk) for c in range(0, hidden, chunk)]
 
 
-def _keep(seed, positions, cols: pl.Slice, hidden: int, threshold: int):
+def _keep(seed, positions, cols: pl.Slice, hidden: int, rate: float):
   """`layers.hashed_dropout_mask` for a tile: element (s, h) of its row has offset s * hidden + h."""
   offset = (positions.astype(jnp.uint32)[:, None] * jnp.uint32(hidden)
             + (cols.start + jnp.arange(cols.size)).astype(jnp.uint32)[None, :])
-  return fmix32(offset * jnp.uint32(GOLDEN) + seed) >= jnp.uint32(threshold)
+  return hashed_keep(offset, seed, rate)
 
 
 def _positions(block_rows: int, seq: int):
@@ -93,7 +93,7 @@ def _forward_kernel(r_ref, a_ref, bias_ref, scale_ref, offset_ref, seed_ref, y_r
     x = (a_ref[:, cols].astype(jnp.float32) + bias_ref[cols].astype(dt).astype(jnp.float32)[None])
     x = x.astype(dt).astype(jnp.float32)
     if rate > 0.0:
-      keep = _keep(seed_ref[...], positions, cols, hidden, dropout_threshold(rate))
+      keep = _keep(seed_ref[...], positions, cols, hidden, rate)
       x = jnp.where(keep, (x / (1.0 - rate)).astype(dt).astype(jnp.float32), 0.0)
     z = (r_ref[:, cols].astype(jnp.float32) + x).astype(dt)
     if saved:
@@ -135,7 +135,7 @@ def _backward_kernel(*refs, rate, seq, block_rows, forked):
     dr_ref[:, cols] = dz
     da = dz.astype(jnp.float32)
     if rate > 0.0:
-      keep = _keep(seed_ref[...], positions, cols, hidden, dropout_threshold(rate))
+      keep = _keep(seed_ref[...], positions, cols, hidden, rate)
       da = jnp.where(keep, da / (1.0 - rate), 0.0)
     da = da.astype(dt)
     da_ref[:, cols] = da
