@@ -122,7 +122,7 @@ def test_twin_without_dropout_is_dot_product_attention():
   np.testing.assert_allclose(ours, theirs, atol=2e-6, rtol=1e-5)
 
 
-def test_model_fused_path_on_cpu():
+def test_model_fused_path_on_cpu(monkeypatch):
   config = BertConfig(hidden_size=32, num_heads=2, attention_dropout=0.1, dtype="float32",
                       attention_dropout_impl="fused")
   layer = SelfAttention(config, rngs=nnx.Rngs(0))
@@ -136,8 +136,13 @@ def test_model_fused_path_on_cpu():
   np.testing.assert_allclose(layer_off(x, lengths, jax.random.key(5)), layer(x, lengths, None),
                              atol=1e-6)
   # attention_impl="fused": without dropout, the kernel at rate 0 (its twin on the CPU)
+  rates = []
+  packed_entry = attention.qkv_dropout_attention
+  monkeypatch.setattr(attention, "qkv_dropout_attention",
+                      lambda *args, **kw: rates.append(args[3]) or packed_entry(*args, **kw))
   kernel_off = SelfAttention(dataclasses.replace(off, attention_impl="fused"), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(kernel_off(x, lengths, None), layer(x, lengths, None), atol=1e-6)
+  assert rates == [0.0]                        # it went through the kernel's entry, at rate 0
   with pytest.raises(ValueError, match="attention_dropout_impl"):
     dataclasses.replace(config, attention_dropout_impl="flash").validate()
 
