@@ -10,9 +10,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.11",          # jax >= 0.7; tools/tpu.py reads TOML with tomllib
+    python_requires=">=3.11",          # jax >= 0.7; tools/tpu/defaults.py reads TOML with tomllib
     packages=find_packages(include=["pretrain", "pretrain.*", "finetune", "finetune.*",
-                                    "configs", "tools"]),
+                                    "configs", "tools", "tools.*"]),
     install_requires=[
         # Tested on jax 0.10.2 (CPU) and 0.11.2 (CUDA); the sharding APIs used (jax.set_mesh,
         # AxisType, make_array_from_process_local_data) need jax >= 0.7.

@@ -1,12 +1,15 @@
 """Fields shared by the fine-tuning configs (configs/glue.py, configs/squad.py); not a config file.
 
 The encoder's architecture and tokenizer come from the pretraining checkpoint (`init_checkpoint`);
-the `model` group holds what fine-tuning may change (dropout, precision, attention kernel) plus the
+the `model` group holds what fine-tuning may change (dropout, precision, speed switches) plus the
 architecture fields as optional checks: set one and a checkpoint that differs is refused.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+from configs import pretrain
+from pretrain.model.config import ARCHITECTURE_KEYS
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:
@@ -22,11 +25,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.tokenizer = ""              # tokenizer file; default: the one recorded with the checkpoint
   config.restore_pooler = True       # also take the pretrained [CLS] pooler (classification heads)
 
+  # What fine-tuning may choose: dropout, precision and every speed switch, with pretraining's
+  # defaults (configs/pretrain.py); pretrain/speed.py decides what runs, as in pretraining.
+  runtime = {k: v for k, v in pretrain.model_config(12, 768, 12).items()
+             if k not in ARCHITECTURE_KEYS}
   config.model = ml_collections.ConfigDict(dict(
-      hidden_dropout=0.1,
-      attention_dropout=0.1,
-      dtype="bfloat16",
-      attention_impl="auto",
+      **runtime,
       # Architecture: None = from the checkpoint; a value that differs from it is an error.
       vocab_size=config_dict.placeholder(int),
       hidden_size=config_dict.placeholder(int),

@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrain.layers import BertConfig, Dense, dropout, param, split_key
-from pretrain.model import BertModel
+from pretrain import speed
+from pretrain.model.bert import BertModel
+from pretrain.model.config import BertConfig
+from pretrain.model.dropout import dropout, split_key
+from pretrain.model.layers import Dense, param
+from pretrain.speed import SpeedPath
 
 KINDS = ("classification", "regression", "span")
 
@@ -41,15 +45,17 @@ class TaskModel(nnx.Module):
   """
 
   def __init__(self, config: BertConfig, *, kind: str, num_labels: int = 2, head_dropout: float = 0.1,
-               features: bool = False, pooling: str = "mean", rngs: nnx.Rngs):
+               features: bool = False, pooling: str = "mean", rngs: nnx.Rngs,
+               path: SpeedPath | None = None):
     if kind not in KINDS:
       raise ValueError(f"task kind {kind!r}; choose one of {KINDS}")
     if pooling not in ("cls", "mean"):
       raise ValueError(f"head.feature_pooling={pooling!r}; choose 'cls' or 'mean'")
     self.kind, self.features, self.pooling = kind, features, pooling
     self.head_dropout = head_dropout
-    self.dropout_rng = config.dropout_rng
-    self.bert = BertModel(config, rngs=rngs)
+    path = path or speed.resolve(config)
+    self.dropout_rng = path.dropout_rng
+    self.bert = BertModel(config, rngs=rngs, path=path)
     if features:
       self.scalar_mix = ScalarMix(config.num_layers + 1, config, rngs=rngs)
     outputs = {"classification": num_labels, "regression": 1, "span": 2}[kind]

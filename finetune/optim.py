@@ -23,12 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrain.optim import clipped_optimizer
+from pretrain.optim import clipped_optimizer, path_names
 from pretrain.optim import decay_mask as bert_decay_mask
-
-
-def _names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
 def triangular_schedule(peak: float, num_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -78,7 +74,7 @@ def depths(params: Any, num_layers: int) -> Any:
   (pooler, scalar mix, task head)."""
 
   def depth(path, _):
-    names = _names(path)
+    names = path_names(path)
     if names[:2] == ["bert", "embeddings"]:
       return 0
     if names[:2] == ["bert", "layers"]:
@@ -98,7 +94,7 @@ def decay_mask(params: Any) -> Any:
   """BERT's weight-decay mask; the scalar mix's weights are not decayed either."""
   mask = bert_decay_mask(params)
   return jax.tree_util.tree_map_with_path(
-      lambda path, m: m and "scalar_mix" not in _names(path), mask)
+      lambda path, m: m and "scalar_mix" not in path_names(path), mask)
 
 
 class LayerwiseState(NamedTuple):

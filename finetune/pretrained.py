@@ -18,13 +18,8 @@ from typing import Any
 import fsspec
 import orbax.checkpoint as ocp
 
-from pretrain.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
-
-# The model fields a checkpoint fixes; dropout, dtype and the attention kernel are the fine-tuner's.
-ARCHITECTURE_KEYS = ("vocab_size", "vocab_pad_multiple", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act",
-                     "layer_norm_eps")
-
+from pretrain.data.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
+from pretrain.model.config import ARCHITECTURE_KEYS
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:

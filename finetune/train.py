@@ -8,7 +8,6 @@ deviation and median of each metric.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
@@ -24,7 +23,6 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
 from configs.pretrain import get_config as pretrain_config
@@ -35,27 +33,12 @@ from finetune import pretrained as pretrained_lib
 from finetune.optim import make_optimizer
 from finetune.task import Task, make_task
 from pretrain import sharding
-from pretrain.layers import BertConfig
-from pretrain.logs import MetricsWriter, write_text
-from pretrain.tokenizer import load_tokenizer
-from pretrain.train import TrainState, state_layout
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """The static parts of a fine-tuning run on a mesh."""
-  model_config: BertConfig
-  mesh: Mesh
-  kind: str
-  graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  state_shardings: TrainState
-  abstract_state: TrainState
-  make_model: Any            # key -> TaskModel
-
-  def apply(self, params, batch, key=None):
-    return nnx.merge(self.graphdef, params)(batch, key)
-
+from pretrain import speed
+from pretrain.checkpoint import Checkpointer
+from pretrain.data.tokenizer import load_tokenizer
+from pretrain.logs import MetricsWriter, write_config, write_text
+from pretrain.model.config import ARCHITECTURE_KEYS, BertConfig
+from pretrain.state import Setup, TrainState, make_setup as make_state_setup
 
 # ------------------------------------------------------------------------------------------------
 # Model, tokenizer and initial weights
@@ -67,7 +50,7 @@ def model_config_for(config: ml_collections.ConfigDict, pretrained) -> BertConfi
     architecture, where = dict(pretrained.architecture), f"the checkpoint in {pretrained.workdir}"
   elif config.model_variant:
     variant = pretrain_config(config.model_variant).model
-    architecture = {k: variant[k] for k in pretrained_lib.ARCHITECTURE_KEYS}
+    architecture = {k: variant[k] for k in ARCHITECTURE_KEYS}
     where = f"configs/pretrain.py:{config.model_variant}"
   else:
     raise ValueError("set --config.init_checkpoint=PRETRAINING_WORKDIR, or --config.from_scratch "
@@ -75,8 +58,7 @@ def model_config_for(config: ml_collections.ConfigDict, pretrained) -> BertConfi
   for key, value in config.model.items():
     if key in architecture and value is not None and value != architecture[key]:
       raise ValueError(f"model.{key}={value} but {where} has {key}={architecture[key]}")
-  runtime = {k: config.model[k] for k in ("hidden_dropout", "attention_dropout", "dtype",
-                                          "attention_impl")}
+  runtime = {k: v for k, v in config.model.items() if k not in ARCHITECTURE_KEYS}
   model_config = BertConfig(**architecture, **runtime)
   model_config.validate()
   return model_config
@@ -106,54 +88,49 @@ def make_setup(config: ml_collections.ConfigDict, task: Task, model_config: Bert
   if config.head.mode not in ("finetune", "features"):
     raise ValueError(f"head.mode={config.head.mode!r}; choose 'finetune' or 'features'")
 
+  path = speed.resolve(model_config, mesh=mesh, seq_len=config.data.max_seq_length)
+
   def make_model(key):
     return heads.TaskModel(model_config, kind=task.kind, num_labels=task.num_labels,
                            head_dropout=config.head.dropout, features=features,
-                           pooling=config.head.feature_pooling, rngs=nnx.Rngs(key))
+                           pooling=config.head.feature_pooling, rngs=nnx.Rngs(key), path=path)
 
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_model(0)))
   trainable = None
   if features:   # the encoder is frozen: only the scalar mix and the head train
+    abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: make_model(0)))[1])
     trainable = jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[0], "key", None) != "bert", nnx.to_pure_dict(abstract_params))
+        lambda path, _: getattr(path[0], "key", None) != "bert", abstract_params)
   tx, schedule = make_optimizer(config.optim, num_steps, model_config.num_layers, trainable)
-  shardings, abstract = state_layout(abstract_params, tx, mesh)
-  return Setup(model_config, mesh, task.kind, graphdef, tx, schedule, shardings, abstract,
-               make_model)
+  return make_state_setup(make_model, model_config, mesh, tx, schedule, path)
 
 
 def init_state(setup: Setup, seed: int, pretrained, restore_pooler: bool) -> TrainState:
   """Random head (and encoder, from scratch); the pretrained encoder restored into its shardings."""
-  with jax.set_mesh(setup.mesh):
-    params = jax.jit(lambda key: nnx.to_pure_dict(nnx.split(setup.make_model(key))[1]),
-                     out_shardings=setup.state_shardings.params)(jax.random.PRNGKey(seed))
-    if pretrained is not None:
-      target = dict(setup.abstract_state.params["bert"])
-      if not restore_pooler:
-        target.pop("pooler")
-      params["bert"] = {**params["bert"], **pretrained_lib.restore_encoder(pretrained, target)}
+  if pretrained is None:
+    return setup.init(seed)
 
-    def make(params, key):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=setup.tx.init(params),
-                        rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+  def restore(params):
+    target = dict(setup.abstract_state.params["bert"])
+    if not restore_pooler:
+      target.pop("pooler")
+    return {**params, "bert": {**params["bert"],
+                               **pretrained_lib.restore_encoder(pretrained, target)}}
 
-    return jax.jit(make, out_shardings=setup.state_shardings, donate_argnums=0)(
-        params, jax.random.PRNGKey(seed))
+  return setup.init(seed, restore)
 
 
 # ------------------------------------------------------------------------------------------------
 # Steps
 
 
-def make_train_step(setup: Setup, batch_example: dict[str, np.ndarray]):
+def make_train_step(setup: Setup, kind: str, batch_example: dict[str, np.ndarray]):
   """jit((state, batch) -> (state, metrics)), state donated."""
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
-      total, count = heads.loss_sums(setup.kind, setup.apply(params, batch, key), batch)
+      total, count = heads.loss_sums(kind, setup.apply(params, batch, key), batch)
       return total / jnp.maximum(count, 1.0)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -176,37 +153,6 @@ def make_predict_step(setup: Setup):
                  in_shardings=(setup.state_shardings.params,
                                batches.batch_shardings(setup.mesh, inputs)),
                  out_shardings=sharding.replicated(setup.mesh))
-
-
-# ------------------------------------------------------------------------------------------------
-# Best checkpoint
-
-
-class BestCheckpoint:
-  """Keeps the parameters of the best evaluation so far (Orbax, by the task's main metric)."""
-
-  def __init__(self, directory: str, metric: str):
-    self.metric = metric
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric],
-                                           best_mode="max", create=True,
-                                           enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-  def save(self, step: int, params, metrics: dict[str, float]):
-    self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                       metrics={k: float(v) for k, v in metrics.items()}, force=True)
-
-  def best_step(self) -> int | None:
-    return self._manager.best_step()
-
-  def restore(self, abstract_params):
-    step = self.best_step()
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    return step, restored.params
-
-  def close(self):
-    self._manager.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +179,8 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
   state = init_state(setup, seed, None if config.from_scratch else pretrained,
                      config.restore_pooler)
   writer = MetricsWriter(workdir)
-  best = BestCheckpoint(os.path.join(workdir, "best"), task.main_metric) \
+  best = Checkpointer(os.path.join(workdir, "best"), save_interval_steps=1, max_to_keep=1,
+                      async_save=False, best_metric=task.main_metric) \
       if config.ckpt.keep_best else None
   history, best_metrics, best_step, best_outputs = [], None, 0, {}
   start_time = time.perf_counter()
@@ -246,7 +193,7 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
     if best_metrics is None or metrics[task.main_metric] > best_metrics[task.main_metric]:
       best_metrics, best_step, best_outputs = metrics, step, outputs
       if best is not None:
-        best.save(step, params, metrics)
+        best.save(step, params, metrics=metrics, force=True)
     return metrics
 
   with jax.set_mesh(setup.mesh):
@@ -290,7 +237,7 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
       files += task.write_predictions(eval_set, best_outputs[eval_set.name], workdir)
   params = state.params
   if task.predict_sets() and best is not None and best.best_step() != history[-1]["step"]:
-    params = best.restore(setup.abstract_state.params)[1]
+    params = best.restore(setup.abstract_state.params, best.best_step(), with_data=False)[0]
   for pred_set in task.predict_sets():
     out = batches.predict(predict_step, params, pred_set.features, train_cfg.eval_batch_size,
                           setup.mesh)
@@ -354,15 +301,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      f"train.batch_size={config.train.batch_size}")
   num_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
   setup = make_setup(config, task, model_config, mesh, num_steps)
+  logging.info("%s", setup.speed_path.describe())
   logging.info("fine-tuning %s: %d examples, %d steps, %s", config.task, num_examples, num_steps,
                "from scratch" if config.from_scratch else f"from {config.init_checkpoint}")
   if jax.process_index() == 0:
-    write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    write_config(workdir, config, setup.speed_path)
 
   example = {k: v[:1] for k, v in task.train_features().items()
              if k in batches.INPUT_KEYS + task.label_keys}
   example["weight"] = np.ones(1, np.float32)
-  steps = make_train_step(setup, example), make_predict_step(setup)
+  steps = make_train_step(setup, task.kind, example), make_predict_step(setup)
   runs = []
   for seed in range(config.seed, config.seed + config.seeds):
     seed_dir = os.path.join(workdir, f"seed_{seed}")

@@ -22,6 +22,14 @@ def write_text(path: str, text: str):
     f.write(text)
 
 
+def write_config(workdir: str, config: Any, speed_path: Any = None):
+  """`config.json` in the workdir: the whole config and the speed path that ran (pretrain.speed)."""
+  record = json.loads(config.to_json_best_effort())
+  if speed_path is not None:
+    record["speed_path"] = speed_path.to_dict()
+  write_text(os.path.join(workdir, "config.json"), json.dumps(record, indent=2))
+
+
 class MetricsWriter:
   """One JSON object per line: {"step": N, "train/loss": ..., ...}; the same scalars to TensorBoard.
 

@@ -17,11 +17,16 @@ _NO_DECAY_LEAVES = ("bias",)
 _NO_DECAY_MODULES = ("layer_norm",)
 
 
+def path_names(path) -> list[str]:
+  """The keys of a pytree path (jax.tree_util) as strings: ["bert", "layers", "0", ...]."""
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
 def decay_mask(params: Any) -> Any:
   """True where weight decay applies: every parameter except biases and LayerNorm scales/biases."""
 
   def decays(path, _):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = path_names(path)
     leaf_name, module_names = names[-1], names[:-1]
     if any(leaf_name.endswith(n) for n in _NO_DECAY_LEAVES):
       return False

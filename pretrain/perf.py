@@ -9,7 +9,7 @@ The NSP head and pooler are negligible and not counted; nor is recomputation fro
 
 from __future__ import annotations
 
-from pretrain.layers import BertConfig
+from pretrain.model.config import BertConfig
 
 
 def encoder_params(config: BertConfig) -> int:

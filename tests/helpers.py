@@ -55,14 +55,15 @@ def write_slice(source: Path, path: Path, num_docs: int, skip: int = 0) -> str:
 
 def read_split(directory, split="train") -> np.ndarray:
   """All records of a split of a shard directory, in shard order."""
-  from pretrain import shards  # pylint: disable=g-import-not-at-top
+  from pretrain.data import shards  # pylint: disable=g-import-not-at-top
   return np.concatenate([np.asarray(a) for a in shards.open_shards(str(directory), split)])
 
 
 def demo_tokenizer(tmp_path_factory):
   """A 2000-piece SentencePiece model of the demo corpus, trained once per pytest session."""
-  from pretrain import corpus  # pylint: disable=g-import-not-at-top
-  from pretrain.tokenizer import load_tokenizer, train_sentencepiece  # pylint: disable=g-import-not-at-top
+  from pretrain.data import corpus  # pylint: disable=g-import-not-at-top
+  from pretrain.data.spm_training import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  from pretrain.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   prefix = tmp_path_factory.getbasetemp() / "demo-spm" / "spm"
   if not prefix.with_suffix(".model").exists():
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -81,3 +82,31 @@ def minilm_dir() -> Path | None:
   if spec is None:
     return None
   return Path(spec.origin).parent / "model"
+
+
+def unmasked_ids(records: np.ndarray) -> np.ndarray:
+  """Static records' input ids with the original tokens put back at the masked positions."""
+  ids = records["input_ids"].astype(np.int64)
+  used = records["masked_lm_weights"] > 0
+  rows = np.broadcast_to(np.arange(len(ids))[:, None], used.shape)
+  ids[rows[used], records["masked_lm_positions"][used].astype(np.int64)] = (
+      records["masked_lm_ids"][used])
+  return ids
+
+
+def expected_num_masked(lengths, max_predictions, prob=0.15) -> np.ndarray:
+  """Predictions per row of these lengths: min(max_predictions, max(1, round(length x prob)))."""
+  return np.array([min(max_predictions, max(1, round(int(n) * prob))) for n in lengths])
+
+
+class WordTokenizer:
+  """A stand-in for a Tokenizer in GLUE tests: one id per whitespace word (the word's length +
+  10), specials 0..4 as in our SentencePiece."""
+  pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
+
+  def encode_batch(self, texts):
+    out = []
+    for text in texts:
+      ids = np.array([len(w) + 10 for w in text.split()], np.int32)
+      out.append((ids, np.ones(ids.size, bool)))
+    return out

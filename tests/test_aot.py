@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the real train step for a TPU topology (tools/aot_compile.py).
+"""Ahead-of-time compilation of the real train step for a TPU topology (tools/aot_compile/).
 
 Needs the TPU compiler (`libtpu`, the `tpu` extra) but no TPU: the devices are compile-only.
 """
@@ -6,9 +6,12 @@ Needs the TPU compiler (`libtpu`, the `tpu` extra) but no TPU: the devices are c
 import pytest
 
 from configs import pretrain as pretrain_configs
-from tools import aot_compile
+from tools.aot_compile import search
+from tools.aot_compile.report import compile_report, format_report
+from tools.aot_compile.topology import (TopologyError, libtpu_available, parse_topology,
+                                        topology_devices)
 
-_OK, _WHY = aot_compile.libtpu_available()
+_OK, _WHY = libtpu_available()
 if not _OK:
   print(f"tests/test_aot.py skipped: {_WHY}")
 needs_libtpu = pytest.mark.skipif(not _OK, reason=_WHY)
@@ -28,32 +31,32 @@ def _tiny(global_batch=64, seq=128):
     ("v5p-64", "v5p", (2, 4, 4), 32), ("v5e:4x8", "v5e", (4, 8), 32),
 ])
 def test_topology_names(name, generation, dims, chips):
-  topology = aot_compile.parse_topology(name)
+  topology = parse_topology(name)
   assert (topology.generation, topology.dims, topology.num_chips) == (generation, dims, chips)
   assert topology.compiler_name == f"{generation}:{'x'.join(map(str, dims))}"
 
 
 @pytest.mark.parametrize("name", ["v7-8", "v5e-12", "v4-6", "tpu", "v5e:4x4x4", ""])
 def test_bad_topology_lists_valid_names(name):
-  with pytest.raises(aot_compile.TopologyError, match="valid: v4-8.*v5e-16.*v6e"):
-    aot_compile.parse_topology(name)
+  with pytest.raises(TopologyError, match="valid: v4-8.*v5e-16.*v6e"):
+    parse_topology(name)
 
 
 @needs_libtpu
 def test_compile_only_devices():
-  devices = aot_compile.topology_devices(aot_compile.parse_topology("v4-8"))
+  devices = topology_devices(parse_topology("v4-8"))
   assert len(devices) == 4 and devices[0].device_kind == "TPU v4"     # megacore: 1 per chip
 
 
 @needs_libtpu
 def test_tiny_fits_on_v5e_8():
-  report = aot_compile.compile_report(_tiny(), aot_compile.parse_topology("v5e-8"))
+  report = compile_report(_tiny(), parse_topology("v5e-8"))
   assert report["verdict"] == "FITS", report
   assert report["chips"] == 8 and report["device_kind"] == "TPU v5 lite"
   for field in ("argument", "output", "temp", "generated_code", "total"):
     assert report[f"{field}_gib"] > 0, (field, report)
   assert report["total_gib"] < report["hbm_gib"] * report["usable_fraction"]
-  text = aot_compile.format_report(report)
+  text = format_report(report)
   assert "verdict: FITS" in text and "temp" in text
 
 
@@ -61,19 +64,19 @@ def test_tiny_fits_on_v5e_8():
 def test_too_large_does_not_fit():
   # 32k sequences of 512 tokens per chip: the activations alone need far more than 16 GiB.
   config = _tiny(global_batch=8 * 32768, seq=512)
-  report = aot_compile.compile_report(config, aot_compile.parse_topology("v5e-8"))
+  report = compile_report(config, parse_topology("v5e-8"))
   assert report["verdict"] == "DOES NOT FIT", report
   if report["compiler_oom"]:          # the TPU compiler refused it: its message says so
     assert "memory" in report["compiler_message"].lower(), report
   if "total_gib" in report:
     assert report["total_gib"] > report["hbm_gib"] * report["usable_fraction"], report
-  assert "DOES NOT FIT" in aot_compile.format_report(report)
+  assert "DOES NOT FIT" in format_report(report)
 
 
 @needs_libtpu
 def test_indivisible_batch_names_the_key():
   with pytest.raises(ValueError, match="train.global_batch_size"):
-    aot_compile.compile_report(_tiny(global_batch=12), aot_compile.parse_topology("v5e-8"))
+    compile_report(_tiny(global_batch=12), parse_topology("v5e-8"))
 
 
 def test_cli_bad_topology_exits_with_the_valid_names():
@@ -89,8 +92,8 @@ def test_cli_bad_topology_exits_with_the_valid_names():
 @pytest.mark.parametrize("true_max,compiler_oom_above", [(344, False), (40, True), (8, False)])
 def test_find_max_batch_search(monkeypatch, true_max, compiler_oom_above):
   """The search on a made-up memory curve (no compiles): it must land on the exact largest batch."""
-  topology = aot_compile.parse_topology("v5e-16")
-  monkeypatch.setattr(aot_compile, "topology_devices", lambda t: [None] * t.num_chips)
+  topology = parse_topology("v5e-16")
+  monkeypatch.setattr(search, "topology_devices", lambda t: [None] * t.num_chips)
 
   def fake_report(config, topo, devices, usable_fraction):
     per_chip = config.train.global_batch_size / len(devices)
@@ -102,9 +105,9 @@ def test_find_max_batch_search(monkeypatch, true_max, compiler_oom_above):
                 total_gib=total, temp_gib=total - 1.5, hbm_gib=topo.hbm_gib,
                 verdict="FITS" if per_chip <= true_max else "DOES NOT FIT")
 
-  monkeypatch.setattr(aot_compile, "compile_report", fake_report)
-  best, tried = aot_compile.find_max_batch(_tiny(), topology, start=8, multiple=8,
-                                           log=lambda line: None)
+  monkeypatch.setattr(search, "compile_report", fake_report)
+  best, tried = search.find_max_batch(_tiny(), topology, start=8, multiple=8,
+                                      log=lambda line: None)
   assert best["per_chip_batch"] == true_max // 8 * 8, [r["per_chip_batch"] for r in tried]
   assert len(tried) <= 8, [r["per_chip_batch"] for r in tried]
 
@@ -112,9 +115,9 @@ def test_find_max_batch_search(monkeypatch, true_max, compiler_oom_above):
   # bracket, and the answer is the same (or the known fit itself when nothing above it fits).
   lo, hi = max(8, true_max // 8 * 8 - 64), true_max // 8 * 8 + 96
   written = []
-  best, tried = aot_compile.find_max_batch(_tiny(), topology, multiple=8, known_fit=lo,
-                                           known_no_fit=hi, on_probe=lambda t: written.append(
-                                               len(t)), log=lambda line: None)
+  best, tried = search.find_max_batch(_tiny(), topology, multiple=8, known_fit=lo,
+                                      known_no_fit=hi, on_probe=lambda t: written.append(len(t)),
+                                      log=lambda line: None)
   probes = [r["per_chip_batch"] for r in tried]
   assert best["per_chip_batch"] == true_max // 8 * 8, probes
   assert all(lo < p < hi for p in probes), probes

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrain import attention, sharding
-from pretrain.layers import BertConfig
-from pretrain.model import SelfAttention
+from pretrain import sharding
+from pretrain import speed
+from pretrain.model import attention_kernel as attention
+from pretrain.model.attention import SelfAttention
+from pretrain.model.config import BertConfig
 
 B, S, N, D = 4, 64, 2, 16
 
@@ -125,14 +127,14 @@ def test_twin_without_dropout_is_dot_product_attention():
 def test_model_fused_path_on_cpu(monkeypatch):
   config = BertConfig(hidden_size=32, num_heads=2, attention_dropout=0.1, dtype="float32",
                       attention_dropout_impl="fused")
-  layer = SelfAttention(config, rngs=nnx.Rngs(0))
+  layer = SelfAttention(config, speed.resolve(config), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 16, 32))
   lengths = jnp.array([16, 9])
   a = layer(x, lengths, jax.random.key(5))
   np.testing.assert_array_equal(a, layer(x, lengths, jax.random.key(5)))
   assert not np.allclose(a, layer(x, lengths, jax.random.key(6)))
   off = dataclasses.replace(config, attention_dropout=0.0)
-  layer_off = SelfAttention(off, rngs=nnx.Rngs(0))
+  layer_off = SelfAttention(off, speed.resolve(off), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(layer_off(x, lengths, jax.random.key(5)), layer(x, lengths, None),
                              atol=1e-6)
   # attention_impl="fused": without dropout, the kernel at rate 0 (its twin on the CPU)
@@ -140,7 +142,9 @@ def test_model_fused_path_on_cpu(monkeypatch):
   packed_entry = attention.qkv_dropout_attention
   monkeypatch.setattr(attention, "qkv_dropout_attention",
                       lambda *args, **kw: rates.append(args[3]) or packed_entry(*args, **kw))
-  kernel_off = SelfAttention(dataclasses.replace(off, attention_impl="fused"), rngs=nnx.Rngs(0))
+  fused_off = dataclasses.replace(off, attention_impl="fused")
+  assert speed.resolve(fused_off).attention == "twin"          # no GPU here
+  kernel_off = SelfAttention(fused_off, speed.resolve(fused_off), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(kernel_off(x, lengths, None), layer(x, lengths, None), atol=1e-6)
   assert rates == [0.0]                        # it went through the kernel's entry, at rate 0
   with pytest.raises(ValueError, match="attention_dropout_impl"):

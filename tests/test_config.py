@@ -13,7 +13,8 @@ import pytest
 
 from configs import pretrain as pretrain_configs
 from helpers import tiny_config
-from pretrain import sharding, train
+from pretrain import sharding
+from pretrain import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "configs", "pretrain.py")
@@ -165,14 +166,14 @@ def test_cli_overrides_reach_the_run(tmp_path):
 
 
 def _validate(config, shape=(-1, 1, 1), process_count=1):
-  train.validate(config, sharding.make_mesh(shape), process_count)
+  step_lib.validate(config, sharding.make_mesh(shape), process_count)
 
 
 def test_tiny_config_is_valid_on_several_meshes():
   for shape in ((-1, 1, 1), (1, -1, 1), (2, 2, 2), (1, 1, 8), (4, 2, 1)):
     config = tiny_config(**{"model.num_heads": 8})
     _validate(config, shape)
-    train.make_setup(config, sharding.make_mesh(shape))
+    step_lib.make_setup(config, sharding.make_mesh(shape))
 
 
 def test_batch_not_divisible_by_data_parallel_size():
@@ -196,7 +197,7 @@ def test_grad_accum_not_dividing():
 
 @pytest.mark.parametrize("steps", [0, -1])
 def test_grad_accum_below_one(steps):
-  # steps=0 currently fails: train.validate raises ZeroDivisionError while formatting its message.
+  # steps=0 currently fails: step_lib.validate raises ZeroDivisionError while formatting its message.
   with pytest.raises(ValueError, match=rf"train\.grad_accum_steps={steps}"):
     _validate(tiny_config(**{"train.grad_accum_steps": steps}))
 
@@ -253,7 +254,7 @@ def test_seq_length_above_position_embeddings():
 def test_hidden_not_divisible_by_heads():
   config = tiny_config(**{"model.num_heads": 5})
   with pytest.raises(ValueError, match=r"model\.hidden_size=32 .*model\.num_heads=5"):
-    train.make_setup(config, sharding.make_mesh((-1, 1, 1)))
+    step_lib.make_setup(config, sharding.make_mesh((-1, 1, 1)))
 
 
 def test_heads_not_splittable_by_tensor_axis_names_the_parameter():
@@ -261,20 +262,20 @@ def test_heads_not_splittable_by_tensor_axis_names_the_parameter():
   _validate(config, (1, 1, 8))
   with pytest.raises(ValueError, match=r"parameter bert/layers/0/attention/\w+_kernel has size 4 "
                                        r".*'heads'.*8 ways.*mesh\.shape"):
-    train.make_setup(config, sharding.make_mesh((1, 1, 8)))
+    step_lib.make_setup(config, sharding.make_mesh((1, 1, 8)))
 
 
 def test_hidden_not_splittable_by_fsdp_names_the_parameter():
   config = tiny_config(**{"model.hidden_size": 36})      # 36 / 4 heads = 9, 36 % 8 != 0
   with pytest.raises(ValueError, match=r"parameter bert/\S+ has size 36 .*'embed'.*8 ways"):
-    train.make_setup(config, sharding.make_mesh((1, 8, 1)))
+    step_lib.make_setup(config, sharding.make_mesh((1, 8, 1)))
 
 
 def test_mlp_not_splittable_by_tensor_names_the_parameter():
   config = tiny_config(**{"model.num_heads": 8, "model.intermediate_size": 36})
   with pytest.raises(ValueError, match=r"parameter bert/layers/0/intermediate/kernel has size 36 "
                                        r".*'mlp'"):
-    train.make_setup(config, sharding.make_mesh((1, 1, 8)))
+    step_lib.make_setup(config, sharding.make_mesh((1, 1, 8)))
 
 
 def test_unknown_model_key_is_an_error():
@@ -282,19 +283,19 @@ def test_unknown_model_key_is_an_error():
   config.model.unlock()
   config.model.no_such_key = 1
   with pytest.raises(ValueError, match="no_such_key"):
-    train.make_setup(config, sharding.make_mesh((-1, 1, 1)))
+    step_lib.make_setup(config, sharding.make_mesh((-1, 1, 1)))
 
 
 def test_bad_optimizer_settings_fail_in_setup():
   with pytest.raises(ValueError, match=r"optim\.name"):
-    train.make_setup(tiny_config(**{"optim.name": "sgd"}), sharding.make_mesh((-1, 1, 1)))
+    step_lib.make_setup(tiny_config(**{"optim.name": "sgd"}), sharding.make_mesh((-1, 1, 1)))
   with pytest.raises(ValueError, match=r"optim\.warmup_steps"):
-    train.make_setup(tiny_config(**{"optim.warmup_steps": 9}), sharding.make_mesh((-1, 1, 1)))
+    step_lib.make_setup(tiny_config(**{"optim.warmup_steps": 9}), sharding.make_mesh((-1, 1, 1)))
 
 
 def test_bad_activation_and_attention_impl():
   with pytest.raises(ValueError, match=r"model\.hidden_act='swish'"):
-    train.make_setup(tiny_config(**{"model.hidden_act": "swish"}), sharding.make_mesh((-1, 1, 1)))
+    step_lib.make_setup(tiny_config(**{"model.hidden_act": "swish"}), sharding.make_mesh((-1, 1, 1)))
   with pytest.raises(ValueError, match=r"model\.attention_impl='flash'"):
-    train.make_setup(tiny_config(**{"model.attention_impl": "flash"}),
+    step_lib.make_setup(tiny_config(**{"model.attention_impl": "flash"}),
                      sharding.make_mesh((-1, 1, 1)))

@@ -9,8 +9,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pretrain import corpus
-from pretrain.corpus import CorpusStats, expand_inputs, iter_corpus, read_documents, split_sentences
+from pretrain.data import corpus
+from pretrain.data.corpus import CorpusStats, expand_inputs, iter_corpus, read_documents, split_sentences
 
 REAL_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
 

@@ -1,25 +1,17 @@
-"""Training computes the same thing however it is laid out, split, interrupted or restarted.
+"""Training computes the same thing however it is laid out, or interrupted and restarted.
 
 * Every mesh ((1,1,1) on one device, (8,1,1), (1,8,1), (2,2,2)) starts from bit-identical weights,
   places parameters and Adam moments as `sharding.LOGICAL_RULES` say, and gives the same losses
   and updated parameters as the single device, step for step.
 * 2N steps straight = N steps, an Orbax checkpoint (sync or async), a restore into a fresh Setup
   (on the same or on another mesh) with the data position from the checkpoint, and N more steps.
-* k accumulated micro-batches = one batch k times larger (same global batch), on (2,2,2) and
-  (1,8,1). (2,2,2) with micro-batches of 8 once met an XLA SPMD miscompile (jax 0.10.2 and 0.11.2),
-  isolated in plain JAX by `test_xla_sharded_gradient_canary` (strict xfail); the MLM head now keeps
-  its logits' vocabulary dimension whole, which avoids it, and this case passes.
-* With dropout the step is a deterministic function of (state, batch), and the mask changes with
-  the step and the seed.
-* `train.run` stopped at step 8 and rerun to 12 on the same workdir resumes, and ends where a
-  straight 12-step run ends.
+* `test_xla_sharded_gradient_canary` isolates in plain JAX an XLA SPMD miscompile (jax 0.10.2 and
+  0.11.2) that gradient accumulation on (2,2,2) once met (strict xfail).
 
-All in float32 with `tiny_config`. Compiling is what costs time on CPU, so Setups, train steps and
-initial states are built once per (mesh, config) and shared by the tests below (module caches).
+Gradient accumulation, dropout and restarts of `train.run` are in test_equivalence_training.py.
+All in float32 with `tiny_config`; Setups, train steps and initial states are built once per
+(mesh, config) by equivalence_helpers.py and shared by both files.
 """
-
-import functools
-import os
 
 from flax import nnx
 import jax
@@ -28,104 +20,22 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import assert_trees_close, tiny_config
-from pretrain import heads
-from pretrain import input as input_lib
-from pretrain import sharding, train
+from equivalence_helpers import (ATOL, RTOL, SINGLE, STEPS, assert_metrics_close,
+                                 assert_trees_equal, config_for, get_init, get_setup,
+                                 get_train_step, init_on_device, make_mesh, max_abs_diff,
+                                 on_device, run_steps, to_host, train_batches)
+from helpers import assert_trees_close
+from pretrain import sharding
+from pretrain import step as step_lib
 from pretrain.checkpoint import Checkpointer
-from pretrain.layers import BertConfig
-from pretrain.logs import read_metrics
-from pretrain.model import BertForPreTraining
-from pretrain.synthetic import SyntheticSource
+from pretrain.data import loader
+from pretrain.model.bert import BertForPreTraining
+from pretrain.model.config import BertConfig
 
-SEED = 0
-STEPS = 3             # step 0 has learning rate 0 (linear warmup from 0): 3 steps = 2 real updates
-RTOL, ATOL = 1e-5, 1e-6
-SINGLE = (1, 1, 1)
 MESHES = [SINGLE, (8, 1, 1), (1, 8, 1), (2, 2, 2)]
-NO_OVERRIDES = ()
-DROPOUT = (("model.hidden_dropout", 0.1), ("model.attention_dropout", 0.1))
 
 
-# ------------------------------------------------------------------------------------ helpers
-
-
-def make_mesh(shape):
-  return sharding.make_mesh(shape, jax.devices()[:1] if shape == SINGLE else None)
-
-
-def config_for(overrides=NO_OVERRIDES):
-  return tiny_config(**{"data.source": "synthetic", **dict(overrides)})
-
-
-@functools.cache
-def get_setup(shape, overrides=NO_OVERRIDES) -> train.Setup:
-  return train.make_setup(config_for(overrides), make_mesh(shape))
-
-
-@functools.cache
-def get_train_step(shape, overrides=NO_OVERRIDES, grad_accum_steps=1):
-  return train.make_train_step(get_setup(shape, overrides), grad_accum_steps)
-
-
-_INITS = {}      # shape -> host copy of Setup.init(SEED)
-_UNUSED = {}     # shape -> that init's device arrays, until a test takes them (init compiles once)
-
-
-def get_init(shape):
-  """Host copy of `Setup.init(SEED)` on this mesh, computed once."""
-  if shape not in _INITS:
-    state = get_setup(shape).init(SEED)
-    _INITS[shape], _UNUSED[shape] = to_host(state), state
-  return _INITS[shape]
-
-
-def init_on_device(shape):
-  """`Setup.init(SEED)`'s own output arrays (not a copy put back on the mesh)."""
-  get_init(shape)
-  if shape in _UNUSED:
-    return _UNUSED.pop(shape)
-  return get_setup(shape).init(SEED)
-
-
-def to_host(tree):
-  """A numpy copy (np.array copies: nothing aliases a buffer that a donating step may free)."""
-  return jax.tree.map(np.array, tree)
-
-
-def on_device(host_state, setup):
-  return jax.device_put(host_state, setup.state_shardings)
-
-
-def train_batches(config, start, count):
-  source = train.make_source(config, split="train")
-  assert isinstance(source, SyntheticSource)
-  source.set_state({"next_batch": start})
-  return [next(source) for _ in range(count)]
-
-
-def run_steps(step_fn, mesh, state, local_batches):
-  """Runs the train step over the batches; returns the final state and host metrics per step."""
-  history = []
-  with jax.set_mesh(mesh):
-    for batch in local_batches:
-      state, metrics = step_fn(state, input_lib.to_global(batch, mesh))
-      history.append(to_host(metrics))
-  return state, history
-
-
-def assert_metrics_close(got, want, rtol=RTOL, note=""):
-  assert len(got) == len(want)
-  for step, (g, w) in enumerate(zip(got, want)):
-    assert g.keys() == w.keys()
-    for key in w:
-      np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=0,
-                                 err_msg=f"metric {key} at step {step}{note}")
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+# ---------------------------------------------------------------------------- sharding checks
 
 
 def adam_state(opt_state) -> optax.ScaleByAdamState:
@@ -146,10 +56,6 @@ def param_axes() -> dict[str, tuple]:
 def flat(tree) -> dict[str, object]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # Hand-written expectations (independent of the code under test) for a few parameters:
@@ -282,11 +188,11 @@ def test_checkpoint_restart_equals_straight_run(tmp_path, async_save, restore_sh
 
   # 2N steps straight through, saving after N (the run goes on at once, donating the state that
   # an async save may still be writing, as `train.run` does).
-  source = train.make_source(config, split="train")
+  source = loader.make_source(config, split="train")
   state = on_device(get_init(save_shape), setup)
   with jax.set_mesh(mesh):
     for i in range(2 * n):
-      state, _ = step_fn(state, input_lib.to_global(next(source), mesh))
+      state, _ = step_fn(state, loader.to_global(next(source), mesh))
       if i + 1 == n:
         saved = to_host(state)
         assert ckpt.save(n, state, source.get_state())
@@ -295,7 +201,7 @@ def test_checkpoint_restart_equals_straight_run(tmp_path, async_save, restore_sh
   ckpt.close()
 
   # A new process, in effect: fresh Setup (possibly on another mesh), fresh source, restore.
-  fresh = train.make_setup(config, make_mesh(restore_shape))
+  fresh = step_lib.make_setup(config, make_mesh(restore_shape))
   reopened = Checkpointer(directory, save_interval_steps=n, max_to_keep=3, async_save=False)
   assert reopened.latest_step == n and reopened.all_steps() == [n]
   restored, data_state = reopened.restore(fresh.abstract_state)
@@ -310,7 +216,7 @@ def test_checkpoint_restart_equals_straight_run(tmp_path, async_save, restore_sh
     check_shardings(restore_shape, restored)
   assert_trees_equal(to_host(restored), saved)     # exactly what was saved: step, params, Adam, rng
 
-  resumed_source = train.make_source(config, split="train")
+  resumed_source = loader.make_source(config, split="train")
   resumed_source.set_state(data_state)
   # The step compiled for this mesh and config (a Setup equal to `fresh` in everything the
   # jitted step depends on: its declared shardings are checked equal here).
@@ -320,7 +226,7 @@ def test_checkpoint_restart_equals_straight_run(tmp_path, async_save, restore_sh
     state = restored
     for _ in range(n):
       state, _ = get_train_step(restore_shape)(
-          state, input_lib.to_global(next(resumed_source), fresh.mesh))
+          state, loader.to_global(next(resumed_source), fresh.mesh))
   resumed = to_host(state)
   assert resumed_source.get_state() == {"next_batch": 2 * n}
   assert int(resumed.step) == 2 * n
@@ -340,8 +246,9 @@ def test_xla_sharded_gradient_canary():
   K is laid out like an MLM-transform kernel P('fsdp','tensor'), W like the word embeddings
   P('tensor','fsdp'), x and r split over ('data','fsdp') and the logits constrained to
   P(('data','fsdp'), None, 'tensor') as `heads.MLMHead` once did. With jax/jaxlib 0.10.2 on CPU
-  (and 0.11.2, checked on the device machine's CPU backend) the gradient is wrong for a batch of 8 (2 rows per data shard) with hidden 32 (or 128), right
-  for 4 or 16 rows or hidden 48/64; the forward value is right. The same happens inside the
+  (and 0.11.2, checked on the device machine's CPU backend) the gradient is wrong for a batch of 8
+  (2 rows per data shard) with hidden 32 (or 128), right for 4 or 16 rows or hidden 48/64; the
+  forward value is right. The same happens inside the
   model did: a global batch of 8 on (2,2,2) got the single-device loss but wrong gradients, until
   `heads.MLMHead` constrained its logits to P(batch, None, None). Expected to fail until XLA is
   fixed (strict xfail: an XLA that computes it right turns this red, so the mark gets removed).
@@ -371,125 +278,3 @@ def test_xla_sharded_gradient_canary():
                  jax.device_put(r, placed(("data", "fsdp"))))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))),
                                err_msg=f"XLA SPMD miscompile: batch {batch}, hidden {hidden}")
-
-
-# ------------------------------------------------------------- 3. gradient accumulation
-
-
-@pytest.mark.parametrize("shape,k", [((2, 2, 2), 2), ((2, 2, 2), 4), ((1, 8, 1), 2)],
-                         ids=["2x2x2-k2", "2x2x2-k4", "1x8x1-k2"])
-def test_grad_accumulation_equals_one_large_batch(shape, k):
-  """Global batch 16 as k micro-batches of 16/k = one step on all 16 (k = 1), same init.
-
-  (2,2,2) k=4 puts 1 row of each micro-batch on each of the 4 data shards; (1,8,1) k=2 splits
-  the parameters 8 ways (FSDP). (2,2,2) k=2 (micro-batches of 8) is the shape that met the XLA
-  miscompile of `test_xla_sharded_gradient_canary` before the MLM head stopped splitting its
-  logits over `tensor`: it guards that work-around.
-  """
-  setup = get_setup(shape)
-  config = config_for((("train.grad_accum_steps", k),))
-  train.validate(config, setup.mesh)     # 16 % (data x fsdp x k) == 0
-  init = get_init(shape)
-  batches = train_batches(config, 0, STEPS)
-  whole, whole_metrics = run_steps(get_train_step(shape), setup.mesh, on_device(init, setup),
-                                   batches)
-  accum, accum_metrics = run_steps(get_train_step(shape, grad_accum_steps=k), setup.mesh,
-                                   on_device(init, setup), batches)
-  note = (" (micro-batch of 8 on (2,2,2): see test_xla_sharded_gradient_canary)"
-          if 16 // k == 8 and shape == (2, 2, 2) else "")
-  assert_metrics_close(accum_metrics, whole_metrics, note=note)
-  whole, accum = to_host(whole), to_host(accum)
-  assert_trees_close(accum.params, whole.params, rtol=RTOL, atol=ATOL)
-  assert_trees_close(accum.opt_state, whole.opt_state, rtol=RTOL, atol=ATOL)
-  assert max_abs_diff(accum.params, init.params) > 1e-4
-
-
-# ----------------------------------------------------------------------------- 4. dropout
-
-
-def test_dropout_deterministic_given_seed_and_varies_with_step():
-  shape = (2, 2, 2)
-  setup = get_setup(shape, DROPOUT)
-  assert setup.model_config.hidden_dropout == 0.1 and setup.model_config.attention_dropout == 0.1
-  step_fn = get_train_step(shape, DROPOUT)
-  init = get_init(shape)              # parameters do not depend on the dropout rates
-  batches = train_batches(config_for(DROPOUT), 0, STEPS)
-
-  # Same seed, same batches: bit-identical runs.
-  first, first_metrics = run_steps(step_fn, setup.mesh, on_device(init, setup), batches)
-  second, second_metrics = run_steps(step_fn, setup.mesh, on_device(init, setup), batches)
-  assert_trees_equal(second_metrics, first_metrics)
-  assert_trees_equal(to_host(second), to_host(first))
-
-  # Same parameters and batch, only the step (or the seed) changed: another mask, another loss.
-  def loss_of(host_state):
-    return float(run_steps(step_fn, setup.mesh, on_device(host_state, setup), batches[:1])[1][0]
-                 ["loss"])
-
-  at_step0 = loss_of(init)
-  assert at_step0 == first_metrics[0]["loss"]
-  at_step1 = loss_of(init.replace(step=np.asarray(1, np.int32)))
-  other_seed = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(SEED + 1), 1))
-  with_other_seed = loss_of(init.replace(rng=np.array(other_seed)))
-
-  eval_step = train.make_eval_step(setup)
-  with jax.set_mesh(setup.mesh):
-    sums = eval_step(on_device(init, setup).params, input_lib.to_global(batches[0], setup.mesh))
-  deterministic = float(heads.summarize(jax.device_get(sums))["loss"])
-  # Evaluation is dropout-free: it matches the dropout-free train loss on the same params/batch.
-  no_dropout = run_steps(get_train_step(shape), setup.mesh, on_device(init, get_setup(shape)),
-                         batches[:1])[1][0]["loss"]
-  np.testing.assert_allclose(deterministic, no_dropout, rtol=RTOL)
-
-  for name, loss in [("step 0", at_step0), ("step 1", at_step1), ("other seed", with_other_seed)]:
-    assert abs(loss - deterministic) > 1e-4, (name, loss, deterministic)
-  assert abs(at_step0 - at_step1) > 1e-4, (at_step0, at_step1)
-  assert abs(at_step0 - with_other_seed) > 1e-4, (at_step0, with_other_seed)
-
-
-# ------------------------------------------------------------------ 5. train.run resumes
-
-
-def run_config(num_train_steps):
-  # The learning rate is held at its peak after warmup (end = peak): a linear decay to 0 at
-  # `num_train_steps` would make an 8-step run's schedule differ from a 12-step run's, and the
-  # resumed run could not equal the straight one whatever the checkpointing does.
-  return tiny_config(**{"data.source": "synthetic", "train.num_train_steps": num_train_steps,
-                        "optim.end_learning_rate": 1e-3, "optim.peak_learning_rate": 1e-3,
-                        "ckpt.save_interval_steps": 4, "ckpt.async_save": True})
-
-
-def test_run_resumes_from_workdir_and_matches_straight_run(tmp_path):
-  resumed_dir, straight_dir = str(tmp_path / "resumed"), str(tmp_path / "straight")
-
-  first = train.run(run_config(8), resumed_dir)
-  assert int(first.step) == 8
-  first_params = to_host(first.params)
-  assert sorted(int(d) for d in os.listdir(os.path.join(resumed_dir, "checkpoints"))
-                if d.isdigit()) == [4, 8]
-
-  resumed = train.run(run_config(12), resumed_dir)
-  assert int(resumed.step) == 12
-  straight = train.run(run_config(12), straight_dir)
-  assert int(straight.step) == 12
-
-  resumed_params, straight_params = to_host(resumed.params), to_host(straight.params)
-  assert_trees_close(resumed_params, straight_params, rtol=RTOL, atol=ATOL)
-  assert max_abs_diff(resumed_params, first_params) > 1e-4
-
-  # It resumed at step 8 rather than starting over: steps 1-8 were logged once, by the first run,
-  # and the second run's metrics (steps 10, 12) equal the straight run's.
-  def by_step(workdir, prefix):
-    rows = [r for r in read_metrics(workdir) if f"{prefix}/loss" in r]
-    return [r["step"] for r in rows], {r["step"]: r for r in rows}
-
-  resumed_steps, resumed_rows = by_step(resumed_dir, "train")
-  straight_steps, straight_rows = by_step(straight_dir, "train")
-  assert resumed_steps == straight_steps == [2, 4, 6, 8, 10, 12]
-  for step in (10, 12):
-    for key in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/grad_norm"):
-      np.testing.assert_allclose(resumed_rows[step][key], straight_rows[step][key], rtol=RTOL,
-                                 err_msg=f"{key} at step {step}")
-  assert by_step(resumed_dir, "eval")[0] == by_step(straight_dir, "eval")[0] == [4, 8, 12]
-  assert sorted(int(d) for d in os.listdir(os.path.join(resumed_dir, "checkpoints"))
-                if d.isdigit()) == [4, 8, 12]

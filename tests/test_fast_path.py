@@ -24,11 +24,17 @@ import numpy as np
 import pytest
 
 from helpers import assert_trees_close, tiny_config
-from pretrain import heads, sharding, train
-from pretrain import layers
-from pretrain.layers import BertConfig, dropout_key, keep_mask
-from pretrain.model import BertForPreTraining, stack_layer_params, unstack_layer_params
-from pretrain.synthetic import SyntheticSource
+from pretrain import sharding
+from pretrain import state as state_lib
+from pretrain import step as step_lib
+from pretrain.data import loader
+from pretrain.data.synthetic import SyntheticSource
+from pretrain.model import dropout as dropout_lib
+from pretrain.model import heads
+from pretrain.model import layers
+from pretrain.model.bert import BertForPreTraining, stack_layer_params, unstack_layer_params
+from pretrain.model.config import BertConfig
+from pretrain.model.dropout import dropout_key, keep_mask
 
 TINY = BertConfig(vocab_size=250, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                   max_position_embeddings=32, dtype="float32", hidden_dropout=0.1,
@@ -115,7 +121,7 @@ def test_lean_attention_and_bf16_logit_grads_same_loss():
 @pytest.mark.parametrize("rng", ["rbg", "threefry"])
 def test_drawn_dropout_masks(plain, rng):
   params, batch, hash_loss, _ = plain
-  config = dataclasses.replace(TINY, dropout_rng=rng)
+  config = dataclasses.replace(TINY, dropout_rng=rng, residual_norm_impl="xla")
   loss_a, _ = loss_and_grads(config, params, batch)
   loss_b, _ = loss_and_grads(config, params, batch)
   assert float(loss_a) == float(loss_b)                # deterministic given the key
@@ -126,7 +132,7 @@ def test_drawn_dropout_masks(plain, rng):
 
 def test_hashed_dropout_masks():
   words = jax.random.bits(KEY, (2,), jnp.uint32)
-  keep = np.asarray(layers.hashed_dropout_mask(words, (64, 128, 128), 0.1))
+  keep = np.asarray(dropout_lib.hashed_dropout_mask(words, (64, 128, 128), 0.1))
   assert abs(keep.mean() - 0.9) < 3e-3                 # 10 sigma at 2^20 elements
   rows = keep.reshape(64, -1).mean(1)
   assert rows.min() > 0.88 and rows.max() < 0.92       # every batch row keeps the rate
@@ -134,23 +140,23 @@ def test_hashed_dropout_masks():
   for shifted in (np.roll(centred, 1, axis=-1), np.roll(centred, 1, axis=-2),
                   np.roll(centred, 1, axis=0)):
     assert abs((centred * shifted).mean() / centred.var()) < 0.01   # ~10 sigma
-  other = np.asarray(layers.hashed_dropout_mask(jax.random.bits(jax.random.key(8), (2,),
+  other = np.asarray(dropout_lib.hashed_dropout_mask(jax.random.bits(jax.random.key(8), (2,),
                                                                 jnp.uint32),
                                                 (64, 128, 128), 0.1))
   assert abs(((keep - 0.9) * (other - 0.9)).mean() / centred.var()) < 0.01
-  assert layers.hashed_dropout_mask(words, (4, 8), 0.0).all()
+  assert dropout_lib.hashed_dropout_mask(words, (4, 8), 0.0).all()
 
 
 def test_hashed_dropout_backward_and_mesh():
   x = jax.random.normal(jax.random.key(1), (8, 16, 32))
   words = jax.random.bits(KEY, (2,), jnp.uint32)
-  keep = layers.hashed_dropout_mask(words, x.shape, 0.25)
-  y, vjp = jax.vjp(lambda x: layers.hashed_dropout(x, words, 0.25), x)
+  keep = dropout_lib.hashed_dropout_mask(words, x.shape, 0.25)
+  y, vjp = jax.vjp(lambda x: dropout_lib.hashed_dropout(x, words, 0.25), x)
   np.testing.assert_array_equal(y, jnp.where(keep, x / 0.75, 0))
   np.testing.assert_array_equal(vjp(jnp.ones_like(x))[0], jnp.where(keep, 1 / 0.75, 0))
   mesh = sharding.make_mesh((2, 2, 1), jax.devices()[:4])
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-  sharded = jax.jit(lambda x: layers.hashed_dropout(x, words, 0.25))(jax.device_put(x, spec))
+  sharded = jax.jit(lambda x: dropout_lib.hashed_dropout(x, words, 0.25))(jax.device_put(x, spec))
   np.testing.assert_array_equal(sharded, y)           # global positions: mesh-independent
 
 
@@ -170,20 +176,18 @@ def test_scanned_train_step_on_mesh_equals_unrolled():
   overrides = {"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1}
   plain_config = tiny_config(**overrides)
   scan_config = tiny_config(**overrides, **{"model.scan_layers": True})
-  setups = [train.make_setup(c, mesh) for c in (plain_config, scan_config)]
-  batch = train.make_source(plain_config, split="train")
-  from pretrain import input as input_lib  # pylint: disable=g-import-not-at-top
-  batch = input_lib.to_global(next(batch), mesh)
+  setups = [step_lib.make_setup(c, mesh) for c in (plain_config, scan_config)]
+  batch = loader.to_global(next(loader.make_source(plain_config, split="train")), mesh)
   state = setups[0].init(0)
   host = jax.device_get(state)                 # the step donates `state`
   params = stack_layer_params(host.params, plain_config.model.num_layers)
-  scanned = train.TrainState(step=host.step, params=params,
+  scanned = state_lib.TrainState(step=host.step, params=params,
                              opt_state=setups[1].tx.init(params), rng=host.rng)
   scanned = jax.device_put(scanned, setups[1].state_shardings)
   outs = []
   with jax.set_mesh(mesh):
     for setup, s in zip(setups, (state, scanned)):
-      outs.append(train.make_train_step(setup)(s, batch))
+      outs.append(step_lib.make_train_step(setup)(s, batch))
   (u_state, u_metrics), (s_state, s_metrics) = outs
   np.testing.assert_allclose(float(s_metrics["loss"]), float(u_metrics["loss"]), rtol=1e-6)
   assert_trees_close(unstack_layer_params(jax.device_get(s_state.params)),
@@ -193,6 +197,6 @@ def test_scanned_train_step_on_mesh_equals_unrolled():
 def test_dropout_scales_kept_values_in_float32():
   x = jnp.full((4, 64), 100.0, jnp.bfloat16)
   for rng in ("hash", "threefry"):
-    y = layers.dropout(x, 0.1, jax.random.key(0), rng)
+    y = dropout_lib.dropout(x, 0.1, jax.random.key(0), rng)
     kept = np.float32(y)[np.float32(y) != 0]
     assert kept.size and np.all(kept == np.float32(jnp.bfloat16(100.0 / 0.9))), (rng, kept[:4])

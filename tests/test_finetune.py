@@ -15,11 +15,12 @@ from finetune import pretrained as pretrained_lib
 from finetune import train as ft_train
 from finetune.task import make_task
 from finetune.tasks import squad
-from pretrain import create_data
 from pretrain import sharding
+from pretrain import step as step_lib
 from pretrain import train as pt_train
 from pretrain.checkpoint import Checkpointer
-from pretrain.create_data import CreateSpec
+from pretrain.data import create as create_data
+from pretrain.data.create import CreateSpec
 from tools import convert_checkpoint
 from tests.helpers import DEMO_CORPUS, SHARED_DATA, demo_tokenizer, minilm_dir, tiny_config, \
     write_slice
@@ -61,7 +62,7 @@ def _finetune_config(workdir_of_pretraining, **overrides):
 def test_checkpoint_from_one_mesh_restores_on_another(pretrained):
   pt_config, workdir = pretrained
   mesh_811 = sharding.make_mesh((8, 1, 1))
-  setup = pt_train.make_setup(pt_config, mesh_811)
+  setup = step_lib.make_setup(pt_config, mesh_811)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=1,
                       async_save=False)
   saved, _ = ckpt.restore(setup.abstract_state)

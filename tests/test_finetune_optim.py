@@ -9,7 +9,7 @@ import pytest
 from configs.finetune import base_config
 from finetune import optim
 from finetune.heads import TaskModel
-from pretrain.layers import BertConfig
+from pretrain.model.config import BertConfig
 
 PEAK = 1e-3
 SMALL = BertConfig(vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32,

@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from pretrain import hf_convert  # noqa: E402
-from pretrain.heads import loss_sums, total_loss  # noqa: E402
-from pretrain.model import BertForPreTraining  # noqa: E402
+from pretrain.model import hf_convert  # noqa: E402
+from pretrain.model.bert import BertForPreTraining  # noqa: E402
+from pretrain.model.heads import loss_sums, total_loss  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, MLP, MAX_POS = 99, 64, 2, 4, 128, 64
 LENGTHS, SEQ, PREDICTIONS = (16, 11, 6), 16, 5

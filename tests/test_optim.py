@@ -10,9 +10,10 @@ import pytest
 
 from helpers import tiny_config
 from pretrain import optim as optim_lib
-from pretrain import sharding, train
-from pretrain.layers import BertConfig
-from pretrain.model import BertForPreTraining
+from pretrain import sharding
+from pretrain import step as step_lib
+from pretrain.model.bert import BertForPreTraining
+from pretrain.model.config import BertConfig
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -35,7 +36,7 @@ def abstract_params():
   """The real model's parameter tree (ShapeDtypeStructs) as the train loop sees it."""
   config = tiny_config()       # 2 layers
   mesh = sharding.make_mesh((-1, 1, 1))
-  return train.make_setup(config, mesh).abstract_state.params
+  return step_lib.make_setup(config, mesh).abstract_state.params
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrain import residual_norm, sharding
-from pretrain.layers import BertConfig
-from pretrain.model import BertForPreTraining
+from pretrain import sharding
+from pretrain import speed
+from pretrain.model import residual_norm
+from pretrain.model.bert import BertForPreTraining
+from pretrain.model.config import BertConfig
 
 B, S = 4, 16
 
@@ -116,8 +118,8 @@ TINY = BertConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=2, inte
                   attention_dropout=0.1)
 
 
-def _model_loss_and_grads(config, batch, key):
-  model = BertForPreTraining(config, rngs=nnx.Rngs(0))
+def _model_loss_and_grads(config, batch, key, path=None):
+  model = BertForPreTraining(config, rngs=nnx.Rngs(0), path=path)
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(params):
@@ -142,15 +144,16 @@ def test_model_fused_path_equals_xla_path(monkeypatch):
     return residual_norm_fused(*args, **kwargs, blocks=(4, 4, 4), interpret=True)
 
   residual_norm_fused = residual_norm.fused
-  monkeypatch.setattr(residual_norm, "use_kernel", lambda hidden: True)
   monkeypatch.setattr(residual_norm, "fused", kernel)
-  loss_f, grads_f = _model_loss_and_grads(TINY, batch, key)
+  assert speed.resolve(TINY).residual_norm == "xla"         # no GPU here: XLA's chain ...
+  path = dataclasses.replace(speed.resolve(TINY), residual_norm="kernel")  # ... unless told
+  loss_f, grads_f = _model_loss_and_grads(TINY, batch, key, path)
   assert len(calls) == 2 * TINY.num_layers
   np.testing.assert_allclose(loss_f, loss_x, rtol=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_f), jax.tree.leaves(grads_x)):
     scale = float(jnp.abs(b).max()) + 1e-6
     np.testing.assert_allclose(a, b, atol=2e-2 * scale, err_msg=jax.tree_util.keystr(path))
-  # with another dropout_rng the kernel (hashed masks only) is not used
-  calls.clear()
-  _model_loss_and_grads(dataclasses.replace(TINY, dropout_rng="threefry"), batch, key)
-  assert not calls
+  # the kernel draws hashed masks only: another dropout_rng is refused, naming both keys
+  with pytest.raises(speed.SpeedPathError, match="residual_norm_impl.*dropout_rng"):
+    speed.resolve(dataclasses.replace(TINY, dropout_rng="threefry",
+                                      attention_dropout_impl="reference"))

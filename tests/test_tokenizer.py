@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain import tokenizer as tok_lib
-from pretrain.corpus import read_documents
-from pretrain.tokenizer import SPECIAL_TOKENS
+from pretrain.data import tokenizer as tok_lib
+from pretrain.data.corpus import read_documents
+from pretrain.data.spm_training import train_sentencepiece
+from pretrain.data.tokenizer import SPECIAL_TOKENS
 
 REAL_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
 
@@ -42,8 +43,8 @@ def _sentences(n: int = 1500, seed: int = 0) -> list[str]:
 def sp_models(tmp_path_factory):
   root = tmp_path_factory.mktemp("sp")
   sentences = _sentences()
-  return {mt: tok_lib.train_sentencepiece(sentences, output_prefix=str(root / mt), vocab_size=300,
-                                          model_type=mt)
+  return {mt: train_sentencepiece(sentences, output_prefix=str(root / mt), vocab_size=300,
+                                  model_type=mt)
           for mt in ("unigram", "bpe")}
 
 
@@ -95,18 +96,18 @@ def test_sentencepiece_round_trip_and_word_starts(sp_models, model_type):
 
 def test_sentencepiece_training_is_deterministic_and_lowercase(tmp_path):
   sentences = _sentences(600, seed=1)
-  a = tok_lib.train_sentencepiece(sentences, output_prefix=str(tmp_path / "a"), vocab_size=200)
-  b = tok_lib.train_sentencepiece(iter(sentences), output_prefix=str(tmp_path / "b"),
-                                  vocab_size=200)
+  a = train_sentencepiece(sentences, output_prefix=str(tmp_path / "a"), vocab_size=200)
+  b = train_sentencepiece(iter(sentences), output_prefix=str(tmp_path / "b"),
+                          vocab_size=200)
   assert open(a.path, "rb").read() == open(b.path, "rb").read()
   # The same sentences from a gzip file, one per line (with blank lines, which are skipped).
   with gzip.open(tmp_path / "in.txt.gz", "wt", encoding="utf-8") as f:
     f.write("\n\n".join(sentences) + "\n")
-  c = tok_lib.train_sentencepiece(input_files=[str(tmp_path / "in.txt.gz")],
-                                  output_prefix=str(tmp_path / "c"), vocab_size=200)
+  c = train_sentencepiece(input_files=[str(tmp_path / "in.txt.gz")],
+                          output_prefix=str(tmp_path / "c"), vocab_size=200)
   assert c.sha256 == a.sha256
-  low = tok_lib.train_sentencepiece(sentences, output_prefix=str(tmp_path / "low"), vocab_size=200,
-                                    lowercase=True)
+  low = train_sentencepiece(sentences, output_prefix=str(tmp_path / "low"), vocab_size=200,
+                            lowercase=True)
   assert low.lowercase and low.describe()["lowercase"]
   np.testing.assert_array_equal(low.encode("The Whale")[0], low.encode("the whale")[0])
   assert low.ids_to_tokens(range(5)) == list(SPECIAL_TOKENS)
@@ -115,18 +116,18 @@ def test_sentencepiece_training_is_deterministic_and_lowercase(tmp_path):
 def test_train_sentencepiece_argument_errors(tmp_path):
   prefix = str(tmp_path / "m")
   with pytest.raises(ValueError, match="exactly one"):
-    tok_lib.train_sentencepiece(output_prefix=prefix, vocab_size=100)
+    train_sentencepiece(output_prefix=prefix, vocab_size=100)
   with pytest.raises(ValueError, match="exactly one"):
-    tok_lib.train_sentencepiece(["a b"], input_files=["x"], output_prefix=prefix, vocab_size=100)
+    train_sentencepiece(["a b"], input_files=["x"], output_prefix=prefix, vocab_size=100)
   with pytest.raises(ValueError, match="one string"):
-    tok_lib.train_sentencepiece("just one string", output_prefix=prefix, vocab_size=100)
+    train_sentencepiece("just one string", output_prefix=prefix, vocab_size=100)
   with pytest.raises(ValueError, match="model_type='word'"):
-    tok_lib.train_sentencepiece(["a b"], output_prefix=prefix, vocab_size=100, model_type="word")
+    train_sentencepiece(["a b"], output_prefix=prefix, vocab_size=100, model_type="word")
   with pytest.raises(FileNotFoundError, match="nope.txt"):
-    tok_lib.train_sentencepiece(input_files=[str(tmp_path / "nope.txt")], output_prefix=prefix,
-                                vocab_size=100)
+    train_sentencepiece(input_files=[str(tmp_path / "nope.txt")], output_prefix=prefix,
+                        vocab_size=100)
   with pytest.raises(ValueError, match=r"m\.model failed"):  # far more pieces than the text has
-    tok_lib.train_sentencepiece(["a b c"] * 10, output_prefix=prefix, vocab_size=5000)
+    train_sentencepiece(["a b c"] * 10, output_prefix=prefix, vocab_size=5000)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,8 +334,8 @@ def test_sentencepiece_encode_with_offsets(sp_models, model_type, tmp_path):
   """SentencePiece reports UTF-8 byte offsets, and a piece's span covers the whitespace its "▁"
   stands for; encode_with_offsets gives character offsets without that whitespace."""
   if model_type == "lowercase":
-    tok = tok_lib.train_sentencepiece(_sentences(600), output_prefix=str(tmp_path / "low"),
-                                      vocab_size=200, lowercase=True)
+    tok = train_sentencepiece(_sentences(600), output_prefix=str(tmp_path / "low"),
+                              vocab_size=200, lowercase=True)
   else:
     tok = sp_models[model_type]
   for text in _OFFSET_TEXTS:

@@ -1,4 +1,5 @@
-"""tools/tpu.py against a stand-in `gcloud`: the argv of every call, polling, errors, retries.
+"""tools/tpu/ (`python -m tools.tpu`) against a stand-in `gcloud`: the argv of every call, polling,
+errors, retries.
 
 The stand-in is a small Python script put first on PATH (as `gcloud` and `gsutil`). It appends each
 call's argv as a JSON line to calls.jsonl and answers from responses.json: the first rule whose
@@ -19,7 +20,8 @@ import uuid
 
 import pytest
 
-from tools import tpu
+from tools.tpu import cli, commands, remote
+from tools.tpu import defaults as defaults_lib
 
 STUB = """#!{python}
 import json, os, sys
@@ -78,12 +80,12 @@ class FakeGcloud:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
   def main(self, *argv):
-    """tools.tpu's main with the test defaults file and no waiting between polls or retries."""
+    """tools.tpu.cli's main with the test defaults file and no waiting between polls or retries."""
     args = list(argv)
     split = args.index("--") if "--" in args else len(args)
     extra = ["--defaults", str(self.defaults), "--retry_delay=0"]
     extra += ["--poll_interval=0"] if args[0] == "create" else []
-    return tpu.main(args[:split] + extra + args[split:])
+    return cli.main(args[:split] + extra + args[split:])
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ def gcloud(tmp_path, monkeypatch):
   monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_GCLOUD_DIR", str(tmp_path))
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  for name in ("GCLOUD", "GSUTIL", tpu.DEFAULTS_ENV):
+  for name in ("GCLOUD", "GSUTIL", defaults_lib.DEFAULTS_ENV):
     monkeypatch.delenv(name, raising=False)
   return fake
 
@@ -121,10 +123,10 @@ def test_vm_life_cycle(gcloud, tmp_path, capfd):
       VM + ["create", "tpu1", Z, P, "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"],
       describe, describe,
       VM + ["scp", str(wheel), "tpu1:~/", Z, P, "--worker=all"],
-      ssh("tpu1", tpu.install_script(wheel.name)),
+      ssh("tpu1", remote.install_script(wheel.name)),
       ssh("tpu1",
           "cd ~/bert-jax 2>/dev/null || cd ~; gsutil -m cp -r gs://my-bucket/data ~/bert-jax/"),
-      ssh("tpu1", tpu.run_script("r1", PRETRAIN)),
+      ssh("tpu1", remote.run_script("r1", PRETRAIN)),
       ssh("tpu1", "tail -n 100 ~/bert-logs/r1.log", worker="0"),
       describe,
       ssh("tpu1",
@@ -151,15 +153,15 @@ def test_queued_life_cycle(gcloud):
       QR + ["create", "pod", Z, P, "--node-id=pod", "--accelerator-type=v4-64",
             "--runtime-version=tpu-ubuntu2204-base", "--spot"],
       describe, describe, describe,
-      ssh("pod", tpu.install_script(wheel, f"gsutil cp {url} {wheel}; ", "python3.12")),
-      ssh("pod", tpu.run_script("r2", PRETRAIN)),
+      ssh("pod", remote.install_script(wheel, f"gsutil cp {url} {wheel}; ", "python3.12")),
+      ssh("pod", remote.run_script("r2", PRETRAIN)),
       ssh("pod", "tail -n 20 -F ~/bert-logs/latest.log | sed -u \"s/^/$(hostname): /\""),
       QR + ["delete", "pod", Z, P, "--force", "--quiet"],
   ]
 
 
 def test_remote_scripts_say_what_they_run():
-  script = tpu.run_script("r1", PRETRAIN)
+  script = remote.run_script("r1", PRETRAIN)
   encoded = re.search(r"echo (\S+) \| base64 -d > ~/bert-logs/r1\.sh", script).group(1)
   assert base64.b64decode(encoded).decode() == (
       "cd ~/bert-jax 2>/dev/null || cd ~\n"
@@ -167,12 +169,12 @@ def test_remote_scripts_say_what_they_run():
       "exec " + shlex.join(PRETRAIN) + "\n")
   assert "setsid nohup bash ~/bert-logs/r1.sh > ~/bert-logs/r1.log 2>&1 < /dev/null &" in script
   assert "python3 -m pretrain" not in script  # else the remote shell would match its own guard
-  install = tpu.install_script("w.whl", python="python3.12")
+  install = remote.install_script("w.whl", python="python3.12")
   assert "apt-get install -y -qq python3.12 python3.12-venv" in install
   assert "python3.12 -m venv ~/bert-jax/venv; . ~/bert-jax/venv/bin/activate" in install
   assert "python -m pip install --quiet './w.whl[tpu,gcs]' google-cloud-storage;" in install
   assert "--no-deps --force-reinstall ./w.whl" in install
-  for text in (script, install, tpu.install_script("w.whl", "gsutil cp gs://b/w.whl w.whl; ")):
+  for text in (script, install, remote.install_script("w.whl", "gsutil cp gs://b/w.whl w.whl; ")):
     subprocess.run(["bash", "-n", "-c", text], check=True)  # valid shell
 
 
@@ -190,7 +192,7 @@ def test_one_argument_is_shell_text(gcloud, capfd):
 def test_run_script_detaches_guards_and_stops(tmp_path, monkeypatch):
   """The run/status/stop scripts for real in bash, with a stand-in for `python3 -m pretrain`."""
   token = uuid.uuid4().hex[:12]
-  monkeypatch.setattr(tpu, "PROCESS_PATTERN", f"[z]zfakebert --token={token}")
+  monkeypatch.setattr(remote, "PROCESS_PATTERN", f"[z]zfakebert --token={token}")
   (tmp_path / "bin").mkdir()
   fake = tmp_path / "bin" / "zzfakebert"
   fake.write_text("#!/bin/bash\necho \"started $* in $PWD\"\n"
@@ -198,19 +200,19 @@ def test_run_script_detaches_guards_and_stops(tmp_path, monkeypatch):
   fake.chmod(0o755)
   env = dict(os.environ, HOME=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
 
-  def remote(script):
+  def worker(script):
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
                           timeout=10, check=True).stdout
   command = ["zzfakebert", f"--token={token}", "two words"]
-  pattern = shlex.quote(tpu.PROCESS_PATTERN)
+  pattern = shlex.quote(remote.PROCESS_PATTERN)
   try:
-    assert "started, log ~/bert-logs/r1.log" in remote(tpu.run_script("r1", command))
-    assert "already going" in remote(tpu.run_script("r2", command))
+    assert "started, log ~/bert-logs/r1.log" in worker(remote.run_script("r1", command))
+    assert "already going" in worker(remote.run_script("r2", command))
     for _ in range(50):
       if "started" in (tmp_path / "bert-logs" / "latest.log").read_text():
         break
       time.sleep(0.1)
-    assert "sent SIGTERM" in remote(f"if pkill -TERM -f {pattern}; then echo \"$(hostname): sent "
+    assert "sent SIGTERM" in worker(f"if pkill -TERM -f {pattern}; then echo \"$(hostname): sent "
                                     f"SIGTERM\"; else echo not running; fi")
     for _ in range(50):
       if "stopping" in (tmp_path / "bert-logs" / "r1.log").read_text():
@@ -220,7 +222,7 @@ def test_run_script_detaches_guards_and_stops(tmp_path, monkeypatch):
     assert f"started --token={token} two words in {tmp_path}" in log and "stopping" in log
     assert not (tmp_path / "bert-logs" / "r2.log").exists()
   finally:  # whatever happened, leave no stand-in running: only processes with this run's token
-    pids = subprocess.run(["pgrep", "-f", tpu.PROCESS_PATTERN], capture_output=True, text=True)
+    pids = subprocess.run(["pgrep", "-f", remote.PROCESS_PATTERN], capture_output=True, text=True)
     for pid in pids.stdout.split():
       subprocess.run(["kill", pid], check=False)
 
@@ -265,7 +267,7 @@ def test_wait_times_out(gcloud, capfd):
 def test_unreachable_worker_is_retried(gcloud, capfd):
   gcloud.respond(("tpu-vm ssh", [UNREACHABLE, UNREACHABLE, {"stdout": "w: started\n"}]))
   assert gcloud.main("run", "tpu1", "--run_name=r1", "--", *PRETRAIN) == 0
-  assert gcloud.calls() == [ssh("tpu1", tpu.run_script("r1", PRETRAIN))] * 3
+  assert gcloud.calls() == [ssh("tpu1", remote.run_script("r1", PRETRAIN))] * 3
   out, err = capfd.readouterr()
   assert "w: started" in out and err.count("transient failure (exit 255)") == 2
 
@@ -311,7 +313,7 @@ def test_builds_the_wheel_when_none_is_given(gcloud, monkeypatch):
     assert not os.path.exists(os.path.join(source_dir, ".venv"))
     return [sys.executable, "-c", "import os, sys; os.makedirs(sys.argv[1]); open(os.path.join("
             "sys.argv[1], 'bert_jax-0.1.0-py3-none-any.whl'), 'w').close()", out_dir]
-  monkeypatch.setattr(tpu, "_wheel_build_argv", fake_build)
+  monkeypatch.setattr(commands, "_wheel_build_argv", fake_build)
   monkeypatch.setattr(tempfile, "tempdir", str(gcloud.folder))  # the build folder goes there
   assert gcloud.main("setup", "tpu1", "--from_gcs") == 0
   (cp, install), name = gcloud.calls(), "bert_jax-0.1.0-py3-none-any.whl"
@@ -319,7 +321,7 @@ def test_builds_the_wheel_when_none_is_given(gcloud, monkeypatch):
   assert cp[2].startswith(str(gcloud.folder))
   url = "gs://my-bucket/wheels/" + name
   assert cp[3] == url
-  assert install == ssh("tpu1", tpu.install_script(name, f"gsutil cp {url} {name}; "))
+  assert install == ssh("tpu1", remote.install_script(name, f"gsutil cp {url} {name}; "))
 
 
 def test_defaults_precedence(gcloud, tmp_path, monkeypatch):
@@ -327,16 +329,16 @@ def test_defaults_precedence(gcloud, tmp_path, monkeypatch):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'zone = "{zone}"\nspot = true\n')
     return str(path)
-  assert tpu.load_defaults() == tpu.Defaults()  # nothing anywhere: built in
-  assert tpu.Defaults().zone == "us-central2-b"
+  assert defaults_lib.load_defaults() == defaults_lib.Defaults()  # nothing anywhere: built in
+  assert defaults_lib.Defaults().zone == "us-central2-b"
   write(tmp_path / "home" / ".config" / "bert-jax" / "tpu.toml", "home-zone")
-  assert tpu.load_defaults().zone == "home-zone"
-  monkeypatch.setenv(tpu.DEFAULTS_ENV, write(tmp_path / "env.toml", "env-zone"))
-  assert tpu.load_defaults().zone == "env-zone"
+  assert defaults_lib.load_defaults().zone == "home-zone"
+  monkeypatch.setenv(defaults_lib.DEFAULTS_ENV, write(tmp_path / "env.toml", "env-zone"))
+  assert defaults_lib.load_defaults().zone == "env-zone"
   flag = write(tmp_path / "flag.toml", "flag-zone")
-  defaults = tpu.load_defaults(flag)
+  defaults = defaults_lib.load_defaults(flag)
   assert (defaults.zone, defaults.spot, defaults.accelerator_type) == ("flag-zone", True, "v4-8")
-  assert tpu.main(["create", "t", "--defaults", flag, "--dry-run", "--no-wait"]) == 0
+  assert cli.main(["create", "t", "--defaults", flag, "--dry-run", "--no-wait"]) == 0
   assert gcloud.calls() == []
 
 
@@ -357,7 +359,7 @@ def test_defaults_precedence_on_the_command_line(gcloud, capfd):
 def test_bad_defaults_file(gcloud, tmp_path, capfd, text, message):
   path = tmp_path / "bad.toml"
   path.write_text(text)
-  assert tpu.main(["status", "t", f"--defaults={path}"]) == 1
+  assert cli.main(["status", "t", f"--defaults={path}"]) == 1
   err = capfd.readouterr().err
   assert f"error: defaults file {path}" in err and message in err
   assert gcloud.calls() == []
@@ -366,14 +368,15 @@ def test_bad_defaults_file(gcloud, tmp_path, capfd, text, message):
 def test_missing_values_name_the_key_and_file(gcloud, tmp_path, capfd, monkeypatch):
   path = tmp_path / "noproject.toml"
   path.write_text('zone = "us-central2-b"\n')
-  assert tpu.main(["create", "pod", "--queued", f"--defaults={path}"]) == 1
+  assert cli.main(["create", "pod", "--queued", f"--defaults={path}"]) == 1
   assert f"project is not set: pass --project or add `project = ...` to {path}" in (
       capfd.readouterr().err)
-  assert tpu.main(["setup", "pod", f"--defaults={path}", "--from_gcs"]) == 1
+  assert cli.main(["setup", "pod", f"--defaults={path}", "--from_gcs"]) == 1
   assert "bucket is not set" in capfd.readouterr().err
-  monkeypatch.setenv(tpu.DEFAULTS_ENV, str(tmp_path / "nowhere.toml"))
-  assert tpu.main(["stop", "pod"]) == 1
-  assert f"nowhere.toml (from ${tpu.DEFAULTS_ENV}) does not exist" in capfd.readouterr().err
+  monkeypatch.setenv(defaults_lib.DEFAULTS_ENV, str(tmp_path / "nowhere.toml"))
+  assert cli.main(["stop", "pod"]) == 1
+  assert f"nowhere.toml (from ${defaults_lib.DEFAULTS_ENV}) does not exist" in (
+      capfd.readouterr().err)
   assert gcloud.calls() == []
 
 
@@ -392,5 +395,5 @@ def test_usage_errors(gcloud, capfd):
   assert gcloud.main("create", "t", "--reserved") == 1
   assert "--reserved and --best_effort need --queued" in capfd.readouterr().err
   with pytest.raises(SystemExit):
-    tpu.main(["logs", "t", "--worker=two"])
+    cli.main(["logs", "t", "--worker=two"])
   assert gcloud.calls() == []

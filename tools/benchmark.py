@@ -15,11 +15,11 @@ in windows of `--window` steps dispatched back to back with one device synchroni
 (as the training loop runs: it syncs only at log steps); the figure is the median window's mean.
 `--window=1` syncs after every step instead, which also counts the host's dispatch of each step.
 
-`--peer=torch` also runs transformers' BertForPreTraining on the same batch (tools/bench_torch.py,
+`--peer=torch` also runs transformers' BertForPreTraining on the same batch (tools/bench/torch_peer.py,
 in a child process that compiles while ours compiles; the timed sections take turns under a file
 lock) and prints ours, the peer's, their ratio and the matmul ceiling side by side.
 `--profile_dir=DIR` also traces a few steps (jax.profiler) and prints where the device time goes.
-tools/bench_sweep.py runs many configurations (and their peers) this way in one process.
+tools/bench/sweep.py runs many configurations (and their peers) this way in one process.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tools.gpu_turns import gpu_lock, wait_for
+from tools.bench.gpu_turns import gpu_lock, wait_for
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/pretrain.py:base", "Pretraining config and variant.", lock_config=True)
@@ -91,18 +91,17 @@ class Prepared:
 def prepare(config, name: str = "") -> Prepared:
   """Builds the train step of `config` and lowers it on abstract state (no device memory used)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pretrain import input as input_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  from pretrain import sharding, step  # pylint: disable=g-import-not-at-top
+  from pretrain.data import loader  # pylint: disable=g-import-not-at-top
 
   if not config.data.path:
     config.data.source = "synthetic"       # the step alone: any valid batch will do
   mesh = sharding.make_mesh(config.mesh.shape)
-  train.validate(config, mesh, jax.process_count())
-  setup = train.make_setup(config, mesh)
-  step_fn = train.make_train_step(setup, config.train.grad_accum_steps)
-  batch = input_lib.to_global(next(train.make_source(config, split="train")), mesh)
+  built = step.build(config, mesh)
+  batch = loader.to_global(next(loader.make_source(config, split="train")), mesh)
   with jax.set_mesh(mesh):
-    lowered = step_fn.lower(setup.abstract_state, batch)
-  return Prepared(name, config, setup, mesh, batch, lowered)
+    lowered = built.train_step.lower(built.setup.abstract_state, batch)
+  return Prepared(name, config, built.setup, mesh, batch, lowered)
 
 
 def compile_prepared(p: Prepared) -> Prepared:
@@ -157,7 +156,7 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
       attention_impl=m.attention_impl, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
       dropout_rng=m.dropout_rng, attention_dropout_impl=m.attention_dropout_impl,
       logits_grad_dtype=m.logits_grad_dtype, mlm_gather=m.mlm_gather,
-      residual_norm_impl=m.residual_norm_impl,
+      residual_norm_impl=m.residual_norm_impl, speed_path=p.setup.speed_path.to_dict(),
       grad_accum_steps=config.train.grad_accum_steps,
       optimizer=config.optim.name, mesh=dict(p.mesh.shape), compile_s=p.compile_s,
       step_ms=step_s * 1e3, step_ms_min=min(per_step) * 1e3, step_ms_max=max(per_step) * 1e3,
@@ -258,7 +257,7 @@ def profile_prepared(p: Prepared, logdir: str, steps: int = 3, lock: str | None 
 
 
 def peer_overrides(config) -> dict:
-  """tools/bench_torch.py settings for the same model size, batch, sequence, masking, dropout."""
+  """tools/bench/torch_peer.py settings for the same model size, batch, sequence, masking, dropout."""
   m, d = config.model, config.data
   return dict(variant=config.variant, global_batch_size=config.train.global_batch_size,
               seq_len=d.max_seq_length, max_predictions=d.max_predictions_per_seq,
@@ -273,8 +272,8 @@ def peer_args(config) -> list[str]:
 
 def start_peer(args: list[str], json_path: str, lock: str, ready: str, other_ready: str,
                wait_s: float, log_path: str | None = None) -> subprocess.Popen:
-  """Starts tools/bench_torch.py in a child process (it never shares a process with jax)."""
-  cmd = [sys.executable, "-m", "tools.bench_torch", *args, f"--window={_WINDOW.value}", f"--json={json_path}",
+  """Starts tools/bench/torch_peer.py in a child process (it never shares a process with jax)."""
+  cmd = [sys.executable, "-m", "tools.bench.torch_peer", *args, f"--window={_WINDOW.value}", f"--json={json_path}",
          f"--lock={lock}", f"--ready={ready}", f"--other_ready={other_ready}",
          f"--wait_s={wait_s}"]
   out = open(log_path, "a", encoding="utf-8") if log_path else None   # pylint: disable=consider-using-with

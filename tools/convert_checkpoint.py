@@ -34,9 +34,9 @@ def load_hf_state_dict(hf_dir: str) -> dict:
 
 def convert(hf_dir: str, workdir: str) -> dict:
   """Writes the workdir; returns its config.json content."""
-  from pretrain import hf_convert  # pylint: disable=g-import-not-at-top
+  from pretrain.model import hf_convert  # pylint: disable=g-import-not-at-top
   from pretrain.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from pretrain.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from pretrain.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   config_path, vocab_path = os.path.join(hf_dir, "config.json"), os.path.join(hf_dir, "vocab.txt")
   for path in (config_path, vocab_path):

@@ -20,7 +20,7 @@ import sys
 
 
 def _add_create_flags(parser: argparse.ArgumentParser):
-  from pretrain.create_data import CreateSpec  # pylint: disable=g-import-not-at-top
+  from pretrain.data.create import CreateSpec  # pylint: disable=g-import-not-at-top
   defaults = CreateSpec()
   for field in dataclasses.fields(CreateSpec):
     value = getattr(defaults, field.name)
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
 
 
 def _train_tokenizer(args) -> int:
-  from pretrain import corpus  # pylint: disable=g-import-not-at-top
-  from pretrain.tokenizer import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  from pretrain.data import corpus  # pylint: disable=g-import-not-at-top
+  from pretrain.data.spm_training import train_sentencepiece  # pylint: disable=g-import-not-at-top
 
   def sentences():
     count = 0
@@ -86,7 +86,7 @@ def _train_tokenizer(args) -> int:
 
 
 def _create(args) -> int:
-  from pretrain import create_data  # pylint: disable=g-import-not-at-top
+  from pretrain.data import create as create_data  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(create_data.CreateSpec)}
   spec = create_data.CreateSpec(**{k: v for k, v in vars(args).items() if k in fields})
   manifest = create_data.create(args.input, args.tokenizer, args.output_dir, spec,
@@ -99,9 +99,10 @@ def _create(args) -> int:
 def _inspect(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from pretrain import input as input_lib, shards  # pylint: disable=g-import-not-at-top
-  from pretrain.masking import MaskingSpec  # pylint: disable=g-import-not-at-top
-  from pretrain.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from pretrain.data import loader  # pylint: disable=g-import-not-at-top
+  from pretrain.data import shards  # pylint: disable=g-import-not-at-top
+  from pretrain.data.masking import MaskingSpec  # pylint: disable=g-import-not-at-top
+  from pretrain.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   manifest = shards.read_manifest(args.data_dir)
   creation = manifest["creation"]
@@ -109,7 +110,7 @@ def _inspect(args) -> int:
                              lowercase=manifest["tokenizer"].get("lowercase"))
   spec = MaskingSpec.for_tokenizer(tokenizer, creation["max_predictions_per_seq"],
                                    creation["masked_lm_prob"], creation["whole_word_mask"])
-  source = input_lib.ShardSource(
+  source = loader.ShardSource(
       args.data_dir, split=args.split, global_batch_size=args.num, seed=0,
       max_seq_length=creation["max_seq_length"],
       max_predictions_per_seq=creation["max_predictions_per_seq"], dynamic_masking=spec)

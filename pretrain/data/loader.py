@@ -1,0 +1,251 @@
+"""From host-local numpy batches to global `jax.Array`s sharded over the mesh's batch axes.
+
+Each process hands over only its own rows (`jax.make_array_from_process_local_data`), so no host ever
+holds the global batch. A background thread keeps a few batches ready, and remembers the source's
+position after each one so a checkpoint records exactly what the train step has consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import queue
+import threading
+import os
+from typing import Any, Protocol
+
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from pretrain import sharding
+from pretrain.data import masking
+from pretrain.data import shards
+from pretrain.data.synthetic import SyntheticSource
+from pretrain.data.tokenizer import check_tokenizer, load_tokenizer
+
+# The one schema of a pretraining batch: key -> (dtype, dimensions after the batch dimension).
+BATCH_SCHEMA = {
+    "input_ids": (np.int32, ("seq",)),
+    "input_mask": (np.int32, ("seq",)),
+    "segment_ids": (np.int32, ("seq",)),
+    "masked_lm_positions": (np.int32, ("predictions",)),
+    "masked_lm_ids": (np.int32, ("predictions",)),
+    "masked_lm_weights": (np.float32, ("predictions",)),
+    "next_sentence_labels": (np.int32, ()),
+}
+BATCH_KEYS = tuple(BATCH_SCHEMA)
+
+
+def batch_shapes(batch_size: int, seq_len: int, predictions: int
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every key of a batch of `batch_size` sequences."""
+  sizes = {"seq": seq_len, "predictions": predictions}
+  return {k: ((batch_size, *(sizes[d] for d in dims)), np.dtype(dtype))
+          for k, (dtype, dims) in BATCH_SCHEMA.items()}
+
+
+class Source(Protocol):
+  """What the loop needs of a data source: host-local batches and a resumable position."""
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+  def get_state(self) -> dict[str, Any]: ...
+  def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, jax.sharding.NamedSharding]:
+  return {k: sharding.batch_sharding(mesh, 1 + len(dims)) for k, (_, dims) in BATCH_SCHEMA.items()}
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This host's batch -> global arrays sharded over the batch axes, in BATCH_SCHEMA's dtypes."""
+  shardings = batch_shardings(mesh)
+  missing = sorted(set(BATCH_KEYS) - set(local_batch))
+  if missing:
+    raise KeyError(f"batch lacks {missing}; a pretraining batch needs {list(BATCH_KEYS)}")
+  return {k: jax.make_array_from_process_local_data(
+              shardings[k], np.asarray(local_batch[k], BATCH_SCHEMA[k][0])) for k in BATCH_KEYS}
+
+
+class Prefetcher(Iterator):
+  """Reads `source` `size` batches ahead on a thread and puts them on the devices.
+
+  `state()` is the source's position just after the last batch handed out, which is what a
+  checkpoint must record: batches read ahead but not trained on are read again after a restart.
+  """
+
+  def __init__(self, source: Source, mesh: Mesh, size: int = 2):
+    self._source, self._mesh = source, mesh
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._state = source.get_state()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, daemon=True, name="prefetch")
+    self._thread.start()
+
+  def _fill(self):
+    try:
+      while not self._stop.is_set():
+        local = next(self._source)
+        item = (to_global(local, self._mesh), self._source.get_state())
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # surfaced to the consumer on its next call
+      self._queue.put(e)
+
+  def __next__(self) -> dict[str, jax.Array]:
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    batch, self._state = item
+    return batch
+
+  def state(self) -> dict[str, Any]:
+    return dict(self._state)
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+class ShardSource:
+  """Host-local batches from tokenized shards (see `pretrain.shards`).
+
+  The data set's N instances are cut into `process_count` contiguous, disjoint parts that cover it
+  (sizes differ by at most one); this host reads only its part, reshuffles it every epoch with a
+  seed of (seed, epoch, host), and serves (N // process_count) // local_batch batches per epoch, so
+  every host takes the same number of steps. In dynamic mode each batch gets fresh masks. The position (epoch, batch) is the state a
+  checkpoint records.
+  """
+
+  def __init__(self, directory: str, *, split: str, global_batch_size: int, seed: int,
+               max_seq_length: int, max_predictions_per_seq: int,
+               dynamic_masking: masking.MaskingSpec | None = None,
+               process_index: int = 0, process_count: int = 1, verify: bool = True):
+    manifest = shards.read_manifest(directory)
+    creation = manifest["creation"]
+    if creation["max_seq_length"] != max_seq_length:
+      raise ValueError(f"data.max_seq_length={max_seq_length} but the shards in {directory} hold "
+                       f"sequences of {creation['max_seq_length']}")
+    self.static = creation["mode"] == "static"
+    if self.static and creation["max_predictions_per_seq"] != max_predictions_per_seq:
+      raise ValueError(f"data.max_predictions_per_seq={max_predictions_per_seq} but the static "
+                       f"masks in {directory} have {creation['max_predictions_per_seq']} slots")
+    if not self.static and dynamic_masking is None:
+      raise ValueError(f"the shards in {directory} are unmasked (mode=dynamic): the loader needs "
+                       "a masking spec")
+    self.manifest = manifest
+    self._shards = shards.open_shards(directory, split, verify=verify)
+    self._ends = np.cumsum([len(s) for s in self._shards])
+    total = int(self._ends[-1]) if len(self._ends) else 0
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch {global_batch_size} does not split over {process_count} "
+                       "processes")
+    self.local_batch = global_batch_size // process_count
+    # Parts differ by at most one instance; every host serves as many batches as the smallest.
+    self.part = (process_index * total // process_count,
+                 (process_index + 1) * total // process_count)
+    self.batches_per_epoch = (total // process_count) // self.local_batch
+    if self.batches_per_epoch == 0:
+      raise ValueError(f"split {split!r} of {directory} has {total} instances: fewer than one "
+                       f"batch of {global_batch_size} (per host {self.local_batch})")
+    self.seed, self.process_index = seed, process_index
+    self.max_predictions = max_predictions_per_seq
+    self.masking = dynamic_masking
+    self._epoch, self._batch = 0, 0
+    self._order = None
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self._epoch, "batch": self._batch}
+
+  def set_state(self, state: dict[str, Any]):
+    self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
+
+  def __iter__(self):
+    return self
+
+  def indices(self, epoch: int, batch: int) -> np.ndarray:
+    """Global instance indices of this host's batch `batch` of `epoch`."""
+    if self._order is None or self._order[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch, self.process_index])
+      self._order = (epoch, self.part[0] + rng.permutation(self.part[1] - self.part[0]))
+    return self._order[1][batch * self.local_batch:(batch + 1) * self.local_batch]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    index = self.indices(self._epoch, self._batch)
+    records = self._gather(index)
+    batch = self._to_batch(records, self._epoch, self._batch)
+    self._batch += 1
+    if self._batch == self.batches_per_epoch:
+      self._epoch, self._batch = self._epoch + 1, 0
+    return batch
+
+  def _gather(self, index: np.ndarray) -> np.ndarray:
+    shard_of = np.searchsorted(self._ends, index, side="right")
+    starts = np.concatenate([[0], self._ends[:-1]])
+    out = np.empty(len(index), self._shards[0].dtype)
+    for shard in np.unique(shard_of):
+      rows = np.flatnonzero(shard_of == shard)
+      local = index[rows] - starts[shard]
+      order = np.argsort(local)                  # read each shard front to back
+      out[rows[order]] = self._shards[shard][local[order]]
+    return out
+
+  def _to_batch(self, records: np.ndarray, epoch: int, batch_index: int) -> dict[str, np.ndarray]:
+    ids = records["input_ids"].astype(np.int32)
+    lengths = records["length"].astype(np.int32)
+    batch = {"input_mask": (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int32),
+             "segment_ids": records["segment_ids"].astype(np.int32),
+             "next_sentence_labels": records["next_sentence_label"].astype(np.int32)}
+    if self.static:
+      batch.update(input_ids=ids,
+                   masked_lm_positions=records["masked_lm_positions"].astype(np.int32),
+                   masked_lm_ids=records["masked_lm_ids"].astype(np.int32),
+                   masked_lm_weights=records["masked_lm_weights"].astype(np.float32))
+    else:
+      rng = np.random.default_rng([self.seed, epoch, batch_index, self.process_index, 1])
+      batch.update(masking.mask_batch(ids, lengths, records["word_start"], self.masking, rng))
+    return batch
+
+
+def make_source(config: ml_collections.ConfigDict, *, split: str) -> Source | None:
+  """The host-local batch stream of `split` ("train" or "eval"); None if the data has no such split."""
+  data = config.data
+  seed = config.seed if split == "train" else data.eval_seed
+  common = dict(global_batch_size=config.train.global_batch_size, seed=seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if data.source == "synthetic":
+    return SyntheticSource(
+        vocab_size=config.model.vocab_size, max_seq_length=data.max_seq_length,
+        max_predictions_per_seq=data.max_predictions_per_seq,
+        masked_lm_prob=data.masked_lm_prob, **common)
+  if data.source != "shards":
+    raise ValueError(f"data.source={data.source!r}; choose 'shards' or 'synthetic'")
+  if not data.path:
+    raise ValueError("data.source='shards' needs data.path, a directory made by "
+                     "`python -m tools.data create`")
+  manifest = shards.read_manifest(data.path)
+  if split not in manifest["splits"]:
+    return None
+  tokenizer = tokenizer_of_shards(data.path, manifest)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of the shards "
+                     f"in {data.path} has {tokenizer.vocab_size} entries; set "
+                     f"--config.model.vocab_size={tokenizer.vocab_size}")
+  spec = masking.MaskingSpec.for_tokenizer(tokenizer, data.max_predictions_per_seq,
+                                           data.masked_lm_prob, data.whole_word_mask)
+  return ShardSource(
+      data.path, split=split, max_seq_length=data.max_seq_length,
+      max_predictions_per_seq=data.max_predictions_per_seq, dynamic_masking=spec,
+      verify=data.verify_checksums, **common)
+
+
+def tokenizer_of_shards(directory: str, manifest: dict[str, Any]):
+  """The tokenizer recorded with the shards, checked against its hash in the manifest."""
+  info = manifest["tokenizer"]
+  path = os.path.join(directory, info["file"])
+  check_tokenizer(path, info["sha256"])
+  return load_tokenizer(path, lowercase=info.get("lowercase"))

@@ -1,0 +1,1 @@
+"""The benchmark harness: sweeps, the PyTorch peer, kernel timings. Measuring code, not product."""
