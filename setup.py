@@ -32,7 +32,9 @@ setup(
     extras_require={
         # tensorflow-datasets without TensorFlow: its mock data tests the TFDS readers.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors", "scikit-learn",
-                 "tensorflow-datasets>=4.9"],
+                 "tensorflow-datasets>=4.9", "matplotlib>=3.7"],
+        # the figure of python -m tools.convergence (docs/convergence.md).
+        "plot": ["matplotlib>=3.7"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
         # gs:// corpora and workdirs: fsspec's gcsfs; TensorBoard event files on gs:// need

@@ -1,0 +1,73 @@
+"""The project's side: the train and eval steps of `pretrain.step.build`, started from the init
+folder's weights, fed by the loader's prefetcher, evaluated as `pretrain.train` evaluates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from pretrain import sharding
+from pretrain import step as step_lib
+from pretrain import train as train_lib
+from pretrain.data import loader
+from pretrain.model import hf_convert
+from tools.convergence import weights
+from tools.convergence.weights import InputError
+
+
+class Ours:
+  """`loop.Side` for the project's pretraining step."""
+  system = "ours"
+
+  def __init__(self, config: ml_collections.ConfigDict, init_dir: str):
+    self.source = loader.make_source(config, split="train")   # checks the data first
+    self.mesh = sharding.make_mesh(config.mesh.shape)
+    built = step_lib.build(config, self.mesh)
+    self.train_step, self.eval_step = built.train_step, built.eval_step
+    self.model_config = built.setup.model_config
+    imported = weights.load_params(init_dir, self.model_config)
+
+    def restore(fresh: Any) -> Any:
+      if jax.tree.structure(fresh) != jax.tree.structure(imported):
+        raise InputError("the imported weights do not have the model's parameter tree (is "
+                         "model.scan_layers=True? the transformers import needs False)")
+      return jax.tree.map(lambda f, x: jax.device_put(np.asarray(x, f.dtype), f.sharding),
+                          fresh, imported)
+
+    self.state = built.setup.init(config.seed, restore=restore)
+    self.eval_batches = train_lib.held_out_batches(config)
+    if not self.eval_batches:
+      raise InputError(f"the shards in {config.data.path} have no eval split: recreate them with "
+                       "`python -m tools.data create --eval_fraction=0.01`")
+    self.info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                     speed_path=built.setup.speed_path.describe())
+    self._prefetcher: loader.Prefetcher | None = None
+
+  def batches(self) -> Iterator[Any]:
+    self._prefetcher = loader.Prefetcher(self.source, self.mesh)
+    return self._prefetcher
+
+  def step(self, batch: Any) -> dict[str, jax.Array]:
+    with jax.set_mesh(self.mesh):
+      self.state, metrics = self.train_step(self.state, batch)
+    return metrics
+
+  def fetch(self, handles: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+    return [dict(loss=float(m["loss"]), learning_rate=float(m["learning_rate"]),
+                 grad_norm=float(m["grad_norm"])) for m in jax.device_get(handles)]
+
+  def evaluate(self) -> dict[str, float]:
+    with jax.set_mesh(self.mesh):
+      return train_lib.evaluate(self.eval_step, self.state.params, self.eval_batches, self.mesh)
+
+  def hf_state_dict(self) -> dict[str, np.ndarray]:
+    return hf_convert.hf_from_params(jax.device_get(self.state.params), self.model_config)
+
+  def close(self) -> None:
+    if self._prefetcher is not None:
+      self._prefetcher.close()
