@@ -33,7 +33,7 @@ demo: $(DEMO)/data/manifest.json
 	    --config.data.path=$(DEMO)/data
 
 test: $(BIN)/activate
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests   # -rs: each skipped test and why
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

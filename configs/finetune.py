@@ -49,7 +49,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       solver="gradient",             # "gradient" (Optax below) or "lbfgs" (features mode, full batch)
       name="adamw",                  # "adamw" or "lamb"
-      learning_rate=2e-5,            # the peak rate (of the task head, with layer_decay < 1)
+      peak_learning_rate=2e-5,       # the top of the schedule (the head's, with layer_decay < 1)
       schedule="triangular",         # "triangular", "slanted_triangular" or "constant"
       warmup_fraction=0.1,           # triangular: share of the steps spent warming up
       cut_fraction=0.1,              # slanted_triangular: share of the steps spent rising

@@ -4,7 +4,7 @@ qnli, rte, wnli (mnli also predicts AX, the diagnostic set, when the GLUE folder
     python -m finetune --config=configs/glue.py:sst2 --workdir=out/sst2 \
         --config.init_checkpoint=PRETRAINING_WORKDIR --config.data.dir=glue_data/SST-2
 
-Defaults follow BERT's paper: batch 32, 3 epochs, peak rate 2e-5 with 10% warmup and linear decay,
+Defaults follow BERT's paper: batch 32, 3 epochs, optim.peak_learning_rate 2e-5 with 10% warmup,
 max_seq_length 128. `data.dir` is the task's folder as the GLUE download script writes it (its TSV
 layout is the task's own); `data.source=tfds` reads TFDS `glue/<task>` instead.
 """

@@ -91,12 +91,16 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       eval_every_steps=10_000,
       eval_steps=20,
       peak_tflops_per_device=0.0,    # for MFU; 0 = look the device kind up (unknown: no MFU)
+      skip_nonfinite_steps=False,    # True: a step with a NaN/inf loss or gradient norm leaves the
+                                     # state unchanged (counted as skipped_steps); False: the run
+                                     # stops there (docs/reliability.md)
   ))
 
   config.ckpt = ml_collections.ConfigDict(dict(
       save_interval_steps=10_000,
       max_to_keep=3,
       async_save=True,
+      checksums=True,                # SHA-256 of every file after each save, checked on restore
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(

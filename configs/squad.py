@@ -32,7 +32,7 @@ def get_config(version: str = "v1.1"):
       n_best_size=20,
       max_answer_length=30,
   ))
-  config.optim.learning_rate = 3e-5
+  config.optim.peak_learning_rate = 3e-5
   config.train.num_epochs = 2.0
   config.train.eval_batch_size = 64
   return config

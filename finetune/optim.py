@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrain.optim import clipped_optimizer, path_names
+from pretrain.optim import clipped_optimizer, path_names, peak_learning_rate
 from pretrain.optim import decay_mask as bert_decay_mask
 
 
@@ -58,7 +58,7 @@ def slanted_triangular_schedule(peak: float, num_steps: int, cut_fraction: float
 
 
 def make_schedule(optim: Mapping[str, Any], num_steps: int) -> optax.Schedule:
-  name, peak = optim["schedule"], optim["learning_rate"]
+  name, peak = optim["schedule"], peak_learning_rate(optim)
   if name == "triangular":
     return triangular_schedule(peak, num_steps, optim["warmup_fraction"])
   if name == "slanted_triangular":

@@ -35,13 +35,21 @@ class Pretrained:
     if self.tokenizer_path is None:
       raise ValueError(f"{self.workdir} records no tokenizer (a run on synthetic data?); pass "
                        "--config.tokenizer=PATH (a SentencePiece .model or a WordPiece vocab.txt)")
+    if not _exists(self.tokenizer_path):
+      raise FileNotFoundError(f"{self.tokenizer_path} not found: {self.workdir}/tokenizer.json "
+                              "names it as the run's tokenizer; put it back or pass "
+                              "--config.tokenizer=PATH")
     check_tokenizer(self.tokenizer_path, self.tokenizer_sha256)
     return load_tokenizer(self.tokenizer_path, lowercase=self.tokenizer_lowercase)
 
 
 def _read_json(path: str) -> dict[str, Any]:
   with fsspec.open(path, "r", encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                       f"{e.msg})") from None
 
 
 def _exists(path: str) -> bool:
@@ -50,8 +58,12 @@ def _exists(path: str) -> bool:
 
 
 def locate(init_checkpoint: str, step: int = -1) -> Pretrained:
-  """`init_checkpoint` is a pretraining workdir (or its `checkpoints/` folder); step -1 = latest."""
+  """`init_checkpoint` is a pretraining workdir (or its `checkpoints/` folder); step -1 = latest.
+
+  A relative local path is taken from the current directory (Orbax needs absolute paths)."""
   workdir = init_checkpoint.rstrip("/")
+  if "://" not in workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.basename(workdir) == "checkpoints":
     workdir = os.path.dirname(workdir)
   config_path = os.path.join(workdir, "config.json")
@@ -79,14 +91,18 @@ def locate(init_checkpoint: str, step: int = -1) -> Pretrained:
   elif step not in steps:
     raise ValueError(f"init_step={step} is not in {ckpt_dir}; it has steps {sorted(steps)}")
 
+  state_path = os.path.join(ckpt_dir, str(step), "state")
+  if not _exists(state_path):
+    raise FileNotFoundError(f"{state_path} not found: checkpoint {step} of {workdir} has no "
+                            "parameters (was it cut short while saving?); pick another with "
+                            f"--config.init_step (steps: {sorted(steps)})")
   tokenizer_path = sha = lowercase = None
   info_path = os.path.join(workdir, "tokenizer.json")
   if _exists(info_path):
     info = _read_json(info_path)
     tokenizer_path = os.path.join(workdir, info["file"])
     sha, lowercase = info["sha256"], info.get("lowercase")
-  return Pretrained(workdir, step, os.path.join(ckpt_dir, str(step), "state"), architecture,
-                    tokenizer_path, sha, lowercase)
+  return Pretrained(workdir, step, state_path, architecture, tokenizer_path, sha, lowercase)
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

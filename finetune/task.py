@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from absl import logging
+import fsspec
 import ml_collections
 import numpy as np
 
@@ -199,6 +200,37 @@ class SquadTask(Task):
     threshold = self._scores(eval_set, nbest, predictions, null_odds)["best_f1_thresh"]
     predictions = squad.apply_null_threshold(nbest, null_odds, threshold)
     return squad.write_predictions(directory, predictions, nbest, null_odds)
+
+
+def _exists(path: str) -> bool:
+  fs, local = fsspec.core.url_to_fs(path)
+  return fs.exists(local)
+
+
+def check_inputs(config: ml_collections.ConfigDict):
+  """Refuses, before anything is read or compiled, a run whose input files are missing: the task's
+  train and dev files and the tokenizer given as `--config.tokenizer` (the init checkpoint is
+  checked by `pretrained.locate`). One error names every missing file."""
+  problems, data = [], config.data
+  if config.tokenizer and not _exists(config.tokenizer):
+    problems.append(f"tokenizer={config.tokenizer}: no such file")
+  if config.task.startswith("squad"):
+    if data.source == "json":
+      for key in ("train_file", "dev_file"):
+        if data[key] and not _exists(data[key]):
+          problems.append(f"data.{key}={data[key]}: no such file")
+  elif data.source == "glue" and data.dir:
+    spec = glue.get_task(config.task)
+    if not _exists(data.dir):
+      problems.append(f"data.dir={data.dir}: no such folder (the GLUE folder of {config.task})")
+    else:
+      for split in ("train", *spec.dev_splits):
+        try:
+          glue.find_file(spec, data.dir, split)
+        except FileNotFoundError as e:
+          problems.append(str(e))
+  if problems:
+    raise FileNotFoundError("; ".join(problems))
 
 
 def make_task(config: ml_collections.ConfigDict, tokenizer) -> Task:

@@ -31,7 +31,7 @@ from finetune import heads
 from finetune import lbfgs
 from finetune import pretrained as pretrained_lib
 from finetune.optim import make_optimizer
-from finetune.task import Task, make_task
+from finetune.task import Task, check_inputs, make_task
 from pretrain import sharding
 from pretrain import speed
 from pretrain.checkpoint import Checkpointer
@@ -279,6 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes `config.seeds` times (seeds seed, seed+1, ...) and writes `results.json`."""
   if config.seeds < 1:
     raise ValueError(f"seeds={config.seeds} must be at least 1")
+  check_inputs(config)                  # every input file, before anything is read or compiled
   pretrained, tokenizer = load_pretrained(config)
   model_config = model_config_for(config, pretrained)
   pretrained_lib.check_vocabulary(tokenizer, model_config.vocab_size,
@@ -290,6 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh.shape)
   task = make_task(config, tokenizer)
   num_examples = len(task.train_features()["input_ids"])
+  task.eval_sets(), task.predict_sets()   # read now: a bad dev or test file fails before training
   dp = sharding.data_parallel_size(mesh)
   if config.train.batch_size % dp or config.train.eval_batch_size % dp:
     raise ValueError(f"train.batch_size={config.train.batch_size} and train.eval_batch_size="

@@ -1,13 +1,24 @@
 """The command line shared by `python -m pretrain` and `python -m finetune`.
 
 --config (a config file and variant, every field overridable as --config.group.field=value, an
-unknown key an error), --workdir, and the multi-process flags: on Cloud TPU pods and in SLURM job
-steps nothing extra is needed; elsewhere give every process --coordinator_address=HOST:PORT
-(process 0's) and --num_processes=N, and each its own --process_id (or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+unknown key an error naming the closest keys), --workdir, --verbose (the traceback of an error), and
+the multi-process flags: on Cloud TPU pods and in SLURM job steps nothing extra is needed; elsewhere
+give every process --coordinator_address=HOST:PORT (process 0's) and --num_processes=N, and each
+its own --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+
+A mistake in the flags, the config or the inputs ends the command with one `error: ...` line and
+exit status 2 (pretrain/console.py decides what counts as one).
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+import difflib
+import importlib.util
+import os
+import re
+import sys
+import traceback
 from typing import Any
 
 from absl import app
@@ -16,8 +27,125 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from pretrain import distributed
-from pretrain.logs import quiet_library_logs
+from pretrain import console
+
+# Config keys that were renamed: a user of the old name gets the new one.
+RENAMED_KEYS = {"optim.learning_rate": "optim.peak_learning_rate"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Config keys
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+  """Every leaf key of `config`, dotted: model.hidden_size, train.num_train_steps, ..."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from flat_keys(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def _closest(word: str, candidates: Sequence[str], cutoff: float) -> list[str]:
+  """The candidates most like `word` (within 0.05 of the best ratio, at least `cutoff`)."""
+  scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates),
+                  reverse=True)
+  if not scored or scored[0][0] < cutoff:
+    return []
+  return [c for ratio, c in scored[:3] if ratio >= scored[0][0] - 0.05]
+
+
+def unknown_key_message(key: str, keys: Sequence[str], config_file: str = "") -> str:
+  """The one line for an unknown `--config.KEY` override: its new name, or the closest keys."""
+  if key in RENAMED_KEYS and RENAMED_KEYS[key] in keys:
+    return f"{key} was renamed {RENAMED_KEYS[key]}"
+  group, _, leaf = key.rpartition(".")
+  by_leaf: dict[str, list[str]] = {}
+  for k in keys:
+    by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+  siblings = [k for k in keys if k.rpartition(".")[0] == group]
+  close = (by_leaf.get(leaf)                                             # in another group
+           or [f"{group}.{c}" if group else c
+               for c in _closest(leaf, [k.rpartition(".")[2] for k in siblings], 0.6)]
+           or [k for c in _closest(leaf, list(by_leaf), 0.8) for k in by_leaf[c]])
+  if close:
+    return f"unknown config key {key}; did you mean {' or '.join(close[:3])}?"
+  groups = sorted({k.rpartition(".")[0] for k in keys if "." in k})
+  if group and group not in groups:
+    near = _closest(group, groups, 0.6)
+    hint = f"did you mean {' or '.join(near)}?" if near else f"the groups are {', '.join(groups)}"
+    return f"unknown config key {key}: there is no group {group}; {hint}"
+  names = sorted(k.rpartition(".")[2] for k in siblings) + ([f"{g}.*" for g in groups]
+                                                            if not group else [])
+  where = f" (see {config_file})" if config_file else ""
+  return f"unknown config key {key}; {group or 'the top level'} has {', '.join(names)}{where}"
+
+
+def _config_argument(argv: Sequence[str]) -> str | None:
+  """The value of --config in `argv` (`--config=X` or `--config X`)."""
+  found = None                             # the last one counts, as for absl
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      found = arg.split("=", 1)[1]
+    elif arg in ("--config", "-config") and i + 1 < len(argv):
+      found = argv[i + 1]
+  return found
+
+
+def _overridden_keys(argv: Sequence[str]) -> list[str]:
+  keys = []
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if match:
+      keys.append(match.group(1))
+  return keys
+
+
+def _load_config(config_arg: str) -> Any:
+  """What --config=FILE[:VARIANT] names: FILE's get_config(VARIANT)."""
+  path, *variant = config_arg.split(":", 1)
+  spec = importlib.util.spec_from_file_location("_config_for_keys", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*variant)
+
+
+def config_file_error(config_arg: str | None, error: BaseException) -> str:
+  """The message for a --config whose file is missing or failed to load."""
+  if not config_arg:
+    return "--config is required, e.g. --config=configs/pretrain.py:base"
+  path = config_arg.split(":", 1)[0]
+  if not os.path.isfile(path):
+    return (f"--config={config_arg}: no file {path} (give a config file and its variant, e.g. "
+            "configs/pretrain.py:base, configs/glue.py:sst2)")
+  last = str(error).strip().splitlines()[-1].strip()
+  return f"--config={config_arg}: {last}"
+
+
+def config_parse_error(argv: Sequence[str], error: BaseException) -> str:
+  """The message for an exception raised while --config and its overrides were parsed."""
+  config_arg = _config_argument(argv)
+  if isinstance(error, (AttributeError, KeyError)) and config_arg:   # an unknown --config.x key
+    try:
+      config = _load_config(config_arg)
+      keys = list(flat_keys(config))
+    except Exception:  # pylint: disable=broad-except
+      keys = []
+    for key in _overridden_keys(argv):
+      if keys and key not in keys:
+        return unknown_key_message(key, keys, config_arg.split(":", 1)[0])
+    return f"a --config.* override: {error}"
+  if isinstance(error, OSError):              # the config file is missing or did not load
+    return config_file_error(config_arg, error)
+  return str(error)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_example: str):
@@ -30,14 +158,42 @@ def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_exampl
       "needed on Cloud TPU pods or under SLURM, where it is detected.")
   num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
   process_id = flags.DEFINE_integer("process_id", None, "This process's id, in [0, num_processes).")
+  verbose = flags.DEFINE_bool("verbose", False, "On an error, show its traceback too.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    quiet_library_logs()
-    distributed.initialize(coordinator.value, num_processes.value, process_id.value)
-    run(config.value, workdir.value)
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest = flags.FLAGS(argv)
+      value = config.value
+      if not isinstance(value, ml_collections.ConfigDict):
+        value.lock()                          # an _ErrorConfig: raises the loading error
+    except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+      if console.wants_verbose(argv):
+        traceback.print_exc()
+      message = (console.error_line(e) if isinstance(e, flags.Error)
+                 else "error: " + " ".join(config_parse_error(argv, e).split()))
+      if message == "error: --config is required":
+        message += f", e.g. --config={config_example}"
+      print(message, file=sys.stderr, flush=True)
+      sys.exit(console.EXIT_USER_ERROR)
+    if len(rest) > 1:
+      print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)", file=sys.stderr,
+            flush=True)
+      sys.exit(console.EXIT_USER_ERROR)
+    return rest
 
-  app.run(main)
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    from pretrain import distributed  # pylint: disable=g-import-not-at-top
+    from pretrain.logs import quiet_library_logs  # pylint: disable=g-import-not-at-top
+    quiet_library_logs()
+    console.route_logs_above_progress_bars()
+
+    def body():
+      distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+      return run(config.value, _absolute(workdir.value)) and None
+
+    return console.run_command(body, verbose.value)
+
+  app.run(main, flags_parser=parse)

@@ -80,6 +80,11 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Library warnings that say nothing a user can act on: Orbax reading the parameters of a checkpoint
+# step without the step's own metadata file (fine-tuning's partial restore does exactly that).
+_HARMLESS_WARNINGS = ("Metadata file does not exist",)
+
+
 def quiet_library_logs():
   """Keep absl INFO for this project; Orbax and JAX log every save and compile at INFO."""
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -89,6 +94,8 @@ def quiet_library_logs():
 
     def filter(self, record):
       noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "jax", "etils"))
+      if noisy and record.getMessage().startswith(_HARMLESS_WARNINGS):
+        return False
       return record.levelno >= std_logging.WARNING or not noisy
 
   logging.get_absl_handler().addFilter(_Filter())

@@ -35,10 +35,18 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def peak_learning_rate(optim: Mapping[str, Any]) -> float:
+  """`optim.peak_learning_rate`, the top of the schedule (pretraining's and fine-tuning's name); a
+  config that still says `learning_rate` (fine-tuning's old name) is refused, not ignored."""
+  if "learning_rate" in optim:
+    raise ValueError("optim.learning_rate was renamed optim.peak_learning_rate")
+  return optim["peak_learning_rate"]
+
+
 def learning_rate_schedule(optim: Mapping[str, Any], num_train_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to the peak over `warmup_steps`, then linear or polynomial decay that
   reaches `end_learning_rate` at `num_train_steps`."""
-  peak, end = optim["peak_learning_rate"], optim["end_learning_rate"]
+  peak, end = peak_learning_rate(optim), optim["end_learning_rate"]
   warmup = int(optim["warmup_steps"])
   if not 0 <= warmup <= num_train_steps:
     raise ValueError(f"optim.warmup_steps={warmup} must lie in [0, train.num_train_steps="

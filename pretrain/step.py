@@ -67,8 +67,17 @@ def _split_micro(x: jax.Array, k: int) -> jax.Array:
   return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
-def make_train_step(setup: Setup, grad_accum_steps: int = 1) -> Callable:
-  """jit((state, batch) -> (state, metrics)), state donated; call it under `jax.set_mesh`."""
+def make_train_step(setup: Setup, grad_accum_steps: int = 1, skip_nonfinite: bool = False
+                    ) -> Callable:
+  """jit((state, batch) -> (state, metrics)), state donated; call it under `jax.set_mesh`.
+
+  With `skip_nonfinite` (train.skip_nonfinite_steps) a step whose loss or gradient norm is not
+  finite leaves the parameters and the optimizer state as they were (optax's `apply_if_finite`
+  way, inside the step: no host sync), and reports `skipped_steps` 1. The step counter still
+  advances, as the batch was consumed; the optimizer's own count (Adam's bias correction and the
+  learning-rate schedule it applies) does not, so it lags the logged `learning_rate` by the number
+  of skipped steps.
+  """
 
   def loss_and_grads(params, micro, key, mlm_weight_total, num_sequences_total):
     def loss_fn(p):
@@ -101,6 +110,12 @@ def make_train_step(setup: Setup, grad_accum_steps: int = 1) -> Callable:
     params = optax.apply_updates(state.params, updates)
     metrics = heads.summarize(sums)
     metrics.update(learning_rate=setup.schedule(state.step), grad_norm=optax.tree.norm(grads))
+    if skip_nonfinite:
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      keep = lambda new, old: jnp.where(finite, new, old)   # noqa: E731
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      metrics["skipped_steps"] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -136,5 +151,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int | No
   validate(config, mesh, jax.process_count() if process_count is None else process_count)
   setup = make_setup(config, mesh)
   logging.info("%s", setup.speed_path.describe())
-  return Built(setup, make_train_step(setup, config.train.grad_accum_steps),
+  skip = bool(config.train.get("skip_nonfinite_steps", False))
+  return Built(setup, make_train_step(setup, config.train.grad_accum_steps, skip),
                make_eval_step(setup))

@@ -22,9 +22,11 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from pretrain import guard as guard_lib
 from pretrain import perf
 from pretrain import sharding
 from pretrain import step as step_lib
+from pretrain import workdir_lock
 from pretrain.checkpoint import Checkpointer
 from pretrain.data import loader
 from pretrain.data import shards
@@ -109,23 +111,41 @@ def evaluate(eval_step, params, batches: list[dict], mesh) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Pretrains until `train.num_train_steps`, resuming from the workdir's latest checkpoint."""
+  """Pretrains until `train.num_train_steps`, resuming from the workdir's newest intact checkpoint.
+
+  The run holds the workdir's lock throughout (another run on it raises workdir_lock.WorkdirBusy).
+  A loss or gradient norm that is not finite stops it with guard.NonFiniteError, and a checkpoint
+  that cannot be saved or restored with checkpoint.CheckpointError: each one line that says what
+  survived (docs/reliability.md).
+  """
+  with workdir_lock.held(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   train_cfg = config.train
   mesh = sharding.make_mesh(config.mesh.shape)
   built = step_lib.build(config, mesh)
   setup = built.setup
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       save_interval_steps=config.ckpt.save_interval_steps,
-                      max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
-  source = loader.make_source(config, split="train")
-  if ckpt.latest_step is not None:
-    state, data_state = ckpt.restore(setup.abstract_state)
+                      max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save,
+                      checksums=config.ckpt.get("checksums", True))
+  try:
+    source = loader.make_source(config, split="train")
+    restored = ckpt.restore_latest(setup.abstract_state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state, data_state, _ = restored
     source.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
     state = setup.init(config.seed)
     logging.info("initialised a new model: %s", _param_summary(state.params))
   start = int(state.step)
+  finite = guard_lib.Guard(ckpt, guard_lib.learning_rate_key(config))
 
   writer = MetricsWriter(workdir)
   if jax.process_index() == 0:
@@ -152,7 +172,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         progress.update(1)
         log_step = step % train_cfg.log_every_steps == 0 or step == train_cfg.num_train_steps
         if log_step:
-          values = _mean(jax.device_get(pending))    # the hot loop syncs only at log steps
+          pending = jax.device_get(pending)          # the hot loop syncs only at log steps
+          finite.check_metrics(pending, last_log_step + 1)
+          values = guard_lib.aggregate(pending)
           elapsed = time.perf_counter() - last_log_time
           seq_per_s = (step - last_log_step) * train_cfg.global_batch_size / elapsed
           values.update(seq_per_s=seq_per_s, tokens_per_s=seq_per_s * seq_len,
@@ -164,6 +186,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                seq_s=f"{seq_per_s:.0f}", refresh=False)
           pending, last_log_step, last_log_time = [], step, time.perf_counter()
         if step % train_cfg.eval_every_steps == 0 or step == train_cfg.num_train_steps:
+          pending = jax.device_get(pending)          # evaluation syncs: check first
+          finite.check_metrics(pending, last_log_step + 1)
           if eval_batches is None:
             eval_batches = held_out_batches(config)
           eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
@@ -174,22 +198,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           else:
             logging.info("no eval split in %s: evaluation skipped", config.data.path)
           last_log_time = time.perf_counter()        # evaluation is not training throughput
-        ckpt.save(step, state, batches.state(), force=step == train_cfg.num_train_steps)
+        pending = _checked_save(ckpt, finite, step, state, batches, pending, last_log_step,
+                                force=step == train_cfg.num_train_steps)
         if guard.should_stop(sync_point=log_step):
           logging.warning("%s received: saving a checkpoint at step %d and stopping",
                           guard.requested or "a stop signal on another process", step)
-          ckpt.save(step, state, batches.state(), force=True)
+          _checked_save(ckpt, finite, step, state, batches, pending, last_log_step, force=True)
           break
   finally:
     batches.close()
     progress.close()
-    ckpt.close()
     writer.close()
+    ckpt.close()          # last: it raises CheckpointError if the final save failed
   return state
 
 
-def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
-  return {k: float(sum(float(h[k]) for h in history) / len(history)) for k in history[0]}
+def _checked_save(ckpt: Checkpointer, finite: guard_lib.Guard, step: int, state: TrainState,
+                  batches: loader.Prefetcher, pending: list[dict[str, Any]], last_log_step: int,
+                  force: bool) -> list[dict[str, Any]]:
+  """Saves if `step` is due (or `force`), after checking the steps since the last log and the
+  state itself: a save is a host sync anyway, and no checkpoint may hold a diverged state.
+  Returns `pending` (fetched to the host if it checked them)."""
+  if ckpt.will_save(step, force):
+    pending = jax.device_get(pending)
+    finite.check_metrics(pending, last_log_step + 1)
+    finite.check_state(state, step)
+    ckpt.save(step, state, batches.state(), force=True)
+  return pending
 
 
 def _param_summary(params) -> str:

@@ -175,11 +175,25 @@ def test_short_run_config_json(short_run):
   assert config["ckpt"]["save_interval_steps"] == 3
 
 
+def test_short_run_summary(short_run):
+  """The end of the output: steps and time, final losses, where the checkpoints are, what next."""
+  workdir, _, result = short_run
+  summary = result.stdout[result.stdout.index("finished: "):]
+  assert summary.startswith("finished: 6 steps of 6 in "), result.stdout[-3000:]
+  assert "train (step 6): loss " in summary and "held-out (step 6): MLM loss " in summary
+  assert f"checkpoints: {workdir / 'checkpoints'} (steps 3, 6)" in summary
+  assert "python -m finetune --config=configs/glue.py:sst2" in summary
+  assert f"--config.init_checkpoint={workdir}" in summary
+
+
 def test_rerun_of_finished_run_does_nothing(env, short_run):
   workdir, overrides, _ = short_run
   before = _metrics(workdir)
   result = _run(env, workdir, *overrides)
-  assert "at step 6" in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip() == (
+      f"{workdir} already finished: its checkpoint is at step 6 and train.num_train_steps=6; "
+      "nothing to do (raise train.num_train_steps to train on, or give another --workdir)"), \
+      result.stderr[-3000:]
   assert _metrics(workdir) == before
   assert _checkpoint_steps(workdir) == [3, 6]
   assert _data_position(workdir, 6) == 6
@@ -222,6 +236,7 @@ def test_sigterm_saves_and_resumes(env, tmp_path):
   output = log.read_text(encoding="utf-8")
   assert returncode == 0, output[-5000:]
   assert "SIGTERM received" in output, output[-3000:]
+  assert "stopped: " in output and "run the same command again" in output, output[-3000:]
 
   train = _split(_metrics(workdir), "train")
   stopped = max(train)

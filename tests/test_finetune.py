@@ -52,7 +52,7 @@ def _finetune_config(workdir_of_pretraining, **overrides):
   config.data.max_seq_length = 32
   config.model.dtype = "float32"
   config.train.update(batch_size=32, eval_batch_size=64, num_epochs=1.0, log_every_steps=20)
-  config.optim.learning_rate = 1e-3
+  config.optim.peak_learning_rate = 1e-3
   for key, value in overrides.items():
     group, _, field = key.rpartition(".")
     (config[group] if group else config)[field] = value
@@ -119,11 +119,26 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     pretrained_lib.locate(str(tmp_path / "nowhere"))
 
 
+def test_relative_init_checkpoint_restores(pretrained, monkeypatch):
+  """`--config.init_checkpoint=runs/x` from the folder above: Orbax's metadata read of a relative
+  path gave None, and the shape check failed with a TypeError (issue 16)."""
+  _, workdir = pretrained
+  monkeypatch.chdir(os.path.dirname(workdir))
+  pre = pretrained_lib.locate(os.path.basename(workdir))
+  assert pre.workdir == workdir and os.path.isabs(pre.state_path)
+  config = _finetune_config(os.path.basename(workdir))
+  setup = ft_train.make_setup(config, make_task(config, pre.tokenizer()),
+                              ft_train.model_config_for(config, pre), sharding.make_mesh((8, 1, 1)),
+                              10)
+  restored = pretrained_lib.restore_encoder(pre, setup.abstract_state.params["bert"])
+  assert restored["embeddings"]["word_embeddings"].shape[1] == 32
+
+
 @pytest.mark.skipif(not POLARITY.exists(), reason="needs ../shared/data/glue_format/polarity")
 def test_polarity_beats_the_majority_class(pretrained, tmp_path):
   _, workdir = pretrained
   # A 4-step "pretrained" encoder is nearly random: a high rate and no dropout let it learn fast.
-  config = _finetune_config(workdir, **{"train.num_epochs": 3.0, "optim.learning_rate": 3e-3,
+  config = _finetune_config(workdir, **{"train.num_epochs": 3.0, "optim.peak_learning_rate": 3e-3,
                                         "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
                                         "head.dropout": 0.0, "seeds": 2})
   results = ft_train.run(config, str(tmp_path / "ft"))

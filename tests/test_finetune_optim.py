@@ -24,7 +24,7 @@ def _params(features=False):
 
 def _optim(**overrides):
   cfg = base_config("sst2").optim
-  cfg.update(dict(learning_rate=PEAK, schedule="constant", weight_decay=0.0, max_grad_norm=0.0,
+  cfg.update(dict(peak_learning_rate=PEAK, schedule="constant", weight_decay=0.0, max_grad_norm=0.0,
                   eps=1e-12))
   cfg.update(overrides)
   return cfg

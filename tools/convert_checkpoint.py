@@ -79,12 +79,17 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--hf_dir", required=True, help="a transformers BERT folder")
   parser.add_argument("--workdir", required=True, help="the pretraining-style workdir to write")
+  parser.add_argument("--verbose", action="store_true", help="on an error, show its traceback")
   args = parser.parse_args(argv)
-  config = convert(args.hf_dir, args.workdir)
-  m = config["model"]
-  print(f"wrote {args.workdir}: L{m['num_layers']}/H{m['hidden_size']}, vocab {m['vocab_size']}; "
-        f"fine-tune with --config.init_checkpoint={args.workdir}")
-  return 0
+  from pretrain import console  # pylint: disable=g-import-not-at-top
+  console.default_jax_platforms()   # before JAX is imported: no TPU probing without a TPU
+
+  def body():
+    m = convert(args.hf_dir, args.workdir)["model"]
+    print(f"wrote {args.workdir}: L{m['num_layers']}/H{m['hidden_size']}, vocab "
+          f"{m['vocab_size']}; fine-tune with --config.init_checkpoint={args.workdir}")
+
+  return console.run_command(body, args.verbose)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,16 @@ def _add_create_flags(parser: argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
+  from pretrain import console  # pylint: disable=g-import-not-at-top
+  console.default_jax_platforms()   # before JAX is imported: no TPU probing without a TPU
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--verbose", action="store_true", help="on an error, show its traceback")
   parser = argparse.ArgumentParser(prog="python -m tools.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  tok = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BERT's specials")
+  tok = sub.add_parser("train-tokenizer", parents=[common],
+                       help="train a SentencePiece model with BERT's specials")
   tok.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
   tok.add_argument("--output_prefix", required=True)
   tok.add_argument("--vocab_size", type=int, default=30522)
@@ -44,7 +49,8 @@ def main(argv=None) -> int:
   tok.add_argument("--max_sentences", type=int, default=2_000_000,
                    help="sentences sampled for training")
 
-  create = sub.add_parser("create", help="write tokenized shards and manifest.json")
+  create = sub.add_parser("create", parents=[common],
+                          help="write tokenized shards and manifest.json")
   create.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
   create.add_argument("--tokenizer", required=True, help="SentencePiece .model or vocab.txt")
   create.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
@@ -52,17 +58,15 @@ def main(argv=None) -> int:
   create.add_argument("--num_workers", type=int, default=None, help="default: all cores")
   _add_create_flags(create)
 
-  inspect = sub.add_parser("inspect", help="decode a few instances with their masks and labels")
+  inspect = sub.add_parser("inspect", parents=[common],
+                           help="decode a few instances with their masks and labels")
   inspect.add_argument("--data_dir", required=True)
   inspect.add_argument("--split", default="train")
   inspect.add_argument("--num", type=int, default=3)
 
   args = parser.parse_args(argv)
-  if args.command == "train-tokenizer":
-    return _train_tokenizer(args)
-  if args.command == "create":
-    return _create(args)
-  return _inspect(args)
+  command = {"train-tokenizer": _train_tokenizer, "create": _create, "inspect": _inspect}
+  return console.run_command(lambda: command[args.command](args), args.verbose)
 
 
 def _train_tokenizer(args) -> int:

@@ -30,7 +30,7 @@ finetune() {  # name config init extra-flags...
   local scratch=False; [ "$init" = scratch ] && scratch=True
   $PY -m finetune --config="$config" --workdir="$OUT/finetune/$init/$name" \
       --config.init_checkpoint="$OUT/pretrain" --config.from_scratch=$scratch \
-      --config.seeds="$SEEDS" --config.optim.learning_rate="$LR" "$@" ${FINETUNE_FLAGS:-}
+      --config.seeds="$SEEDS" --config.optim.peak_learning_rate="$LR" "$@" ${FINETUNE_FLAGS:-}
 }
 for init in pretrained scratch; do
   finetune polarity configs/glue.py:sst2 $init --config.data.dir="$DATA/glue_format/polarity"

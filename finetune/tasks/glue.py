@@ -150,7 +150,7 @@ def _split_error(spec: TaskSpec, split: str) -> ValueError:
                     f"{', '.join(spec.splits)}")
 
 
-def _find_file(spec: TaskSpec, data_dir: str, split: str) -> str:
+def find_file(spec: TaskSpec, data_dir: str, split: str) -> str:
   """The split's TSV under the task folder `data_dir`, or under `data_dir/<task folder>`."""
   names = _AX_FILES if spec.name == "ax" else (f"{split}.tsv",)
   fs, root = fsspec.core.url_to_fs(str(data_dir))
@@ -200,7 +200,7 @@ def read_glue(task: str | TaskSpec, data_dir: str, split: str) -> list[Example]:
   spec = get_task(task)
   if split not in spec.splits:
     raise _split_error(spec, split)
-  path = _find_file(spec, data_dir, split)
+  path = find_file(spec, data_dir, split)
   rows = _read_rows(path)
   text_a, text_b, label, guid = _TSV_COLUMNS[spec.name]
   is_test = split in spec.test_splits

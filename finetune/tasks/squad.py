@@ -48,7 +48,13 @@ class SquadExample:
 def read_squad_json(path: str) -> list[SquadExample]:
   """The questions of an official SQuAD v1.1 / v2.0 JSON file (data -> paragraphs -> qas)."""
   with fsspec.open(str(path), "rt", encoding="utf-8") as f:
-    data = json.load(f)
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column "
+                       f"{e.colno}") from None
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise ValueError(f"{path} is not a SQuAD JSON file: expected an object with a 'data' list")
   examples = []

@@ -2,7 +2,9 @@
 
 import sys
 
-from tools.convergence.cli import main
+from pretrain import console
 
 if __name__ == "__main__":
+  console.default_jax_platforms()        # before JAX is imported: no TPU probing without a TPU
+  from tools.convergence.cli import main  # pylint: disable=g-import-not-at-top
   sys.exit(main())

@@ -1,7 +1,8 @@
 """The command line of `python -m tools.convergence` (see the package docstring).
 
 Flags are parsed into a fresh `FlagValues` on every call, so `main(argv)` can be called more than
-once in a process (the tests do). Bad input ends in one `error: ...` line and exit code 2.
+once in a process (the tests do). Bad input ends in one `error: ...` line and exit code 2
+(pretrain/console.py); --verbose adds the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from pretrain import cli as pretrain_cli
+from pretrain import console
 from tools.convergence import loop
 from tools.convergence import report
 from tools.convergence import weights
@@ -76,14 +79,14 @@ def parse(argv: list[str]) -> tuple[Options, ml_collections.ConfigDict]:
                            "names) as WORKDIR/final/NAME-SYSTEM-seedSEED.safetensors.", **d)
   report_only = flags.DEFINE_bool("report_only", False, "Train nothing: report on (and plot) "
                                   "WORKDIR/convergence.jsonl as it is.", **d)
+  flags.DEFINE_bool("verbose", False, "On an error, show its traceback too.", **d)
   child = flags.DEFINE_bool("child", False, "Internal: a side run by an isolated parent.", **d)
   run_id = flags.DEFINE_string("run_id", "", "Internal: the parent's run id.", **d)
   start = flags.DEFINE_float("start_time", 0, "Internal: when the parent launched this child.", **d)
   try:
     fv(argv)
-  except AttributeError as e:          # ml_collections' word for an unknown --config.x key
-    raise InputError(f"unknown config field {str(e).strip(chr(34))} in a --config.* override; "
-                     "configs/pretrain.py lists the fields") from None
+  except (AttributeError, KeyError) as e:     # ml_collections' word for an unknown --config.x key
+    raise InputError(pretrain_cli.config_parse_error(argv, e)) from None
   cfg = config.value
   if seed.value is not None:
     cfg.seed = seed.value
@@ -169,15 +172,12 @@ def run(options: Options, config: ml_collections.ConfigDict, argv: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  try:
+
+  def body():
     options, config = parse(argv)
     run(options, config, argv)
-  except (InputError, flags.Error, ValueError, KeyError, FileNotFoundError) as e:
-    message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    if "Traceback (most recent call last)" in message:    # a config file that raised: its error
-      message = message.strip().splitlines()[-1]
-    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    return 2
+
+  try:
+    return console.run_command(body, console.wants_verbose(argv))
   except SystemExit as e:
     return int(e.code or 0)
-  return 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from pretrain.console import UserError
 from pretrain.model import hf_convert
 from pretrain.model.config import ARCHITECTURE_KEYS, BertConfig
 from tools.convert_checkpoint import load_hf_state_dict
@@ -29,7 +30,7 @@ _HF_NAMES = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
 assert set(_HF_NAMES) == set(ARCHITECTURE_KEYS) - {"vocab_pad_multiple"}
 
 
-class InputError(ValueError):
+class InputError(UserError):
   """A bad input the user can fix; the command prints it as one `error: ...` line (exit 2)."""
 
 
