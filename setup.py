@@ -13,6 +13,17 @@ setup(
     python_requires=">=3.11",          # jax >= 0.7; tools/tpu/defaults.py reads TOML with tomllib
     packages=find_packages(include=["pretrain", "pretrain.*", "finetune", "finetune.*",
                                     "configs", "tools", "tools.*"]),
+    # Each command is its `python -m` form (tools/commands.py says why some need a wrapper).
+    entry_points={"console_scripts": [
+        "bert-data = tools.data:main",                        # python -m tools.data
+        "bert-pretrain = tools.commands:pretrain",            # python -m pretrain
+        "bert-finetune = tools.commands:finetune",            # python -m finetune
+        "bert-convert = tools.convert_checkpoint:main",       # python -m tools.convert_checkpoint
+        "bert-tpu = tools.tpu.cli:main",                      # python -m tools.tpu
+        "bert-benchmark = tools.commands:benchmark",          # python -m tools.benchmark
+        "bert-fit = tools.commands:fit",                      # python -m tools.aot_compile
+        "bert-convergence = tools.commands:convergence",      # python -m tools.convergence
+    ]},
     install_requires=[
         # Tested on jax 0.10.2 (CPU) and 0.11.2 (CUDA); the sharding APIs used (jax.set_mesh,
         # AxisType, make_array_from_process_local_data) need jax >= 0.7.

@@ -14,8 +14,8 @@ from pretrain.model.config import ARCHITECTURE_KEYS
 
 def base_config(task: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.task = task
-  config.seed = 0
+  config.task = task                 # set by the variant (glue.py:TASK, squad.py:VERSION)
+  config.seed = 0                    # the first seed: head initialisation, dropout, data order
   config.seeds = 1                   # runs with seeds seed, seed+1, ...; results.json summarises them
 
   config.init_checkpoint = ""        # a pretraining workdir (python -m pretrain --workdir=...)
@@ -32,17 +32,17 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       **runtime,
       # Architecture: None = from the checkpoint; a value that differs from it is an error.
-      vocab_size=config_dict.placeholder(int),
-      hidden_size=config_dict.placeholder(int),
-      num_layers=config_dict.placeholder(int),
-      num_heads=config_dict.placeholder(int),
-      intermediate_size=config_dict.placeholder(int),
-      max_position_embeddings=config_dict.placeholder(int),
+      vocab_size=config_dict.placeholder(int),               # None: the checkpoint's; set: must equal it
+      hidden_size=config_dict.placeholder(int),              # None: the checkpoint's; set: must equal it
+      num_layers=config_dict.placeholder(int),               # None: the checkpoint's; set: must equal it
+      num_heads=config_dict.placeholder(int),                # None: the checkpoint's; set: must equal it
+      intermediate_size=config_dict.placeholder(int),        # None: the checkpoint's; set: must equal it
+      max_position_embeddings=config_dict.placeholder(int),  # None: the checkpoint's; set: must equal it
   ))
 
   config.head = ml_collections.ConfigDict(dict(
       mode="finetune",               # "finetune" (all weights) or "features" (frozen encoder + mix)
-      dropout=0.1,
+      dropout=0.1,                   # dropout rate on the head's input
       feature_pooling="mean",        # features mode, sentence tasks: "mean" of tokens or "cls"
   ))
 
@@ -56,10 +56,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       ratio=32.0,                    # slanted_triangular: peak / lowest rate
       layer_decay=1.0,               # layer-wise rate decay per layer downwards; 1 = off
       unfreeze_every_steps=0,        # gradual unfreezing: a layer more every N steps; 0 = off
-      weight_decay=0.01,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
+      weight_decay=0.01,             # decoupled weight decay; never on biases or LayerNorm
+      b1=0.9,                        # Adam/LAMB first-moment decay
+      b2=0.999,                      # Adam/LAMB second-moment decay
+      eps=1e-6,                      # Adam/LAMB epsilon
       max_grad_norm=1.0,             # 0 disables clipping
       lbfgs_steps=100,               # lbfgs: iterations over the full training set
       lbfgs_l2=1e-2,                 # lbfgs: L2 penalty on the head's kernel (mean loss + l2 |W|^2)
@@ -67,10 +67,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32,                 # global, over all hosts and devices
-      num_epochs=3.0,
-      eval_batch_size=64,
+      num_epochs=3.0,                # passes over the training set (a fraction is allowed)
+      eval_batch_size=64,            # examples per prediction batch (dev and test)
       eval_every_steps=0,            # 0 = at the end of every epoch
-      log_every_steps=50,
+      log_every_steps=50,            # training loss to metrics.jsonl and TensorBoard every N steps
       max_train_examples=0,          # 0 = all; a positive number trains on the first N (quick runs)
   ))
 

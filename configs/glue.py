@@ -24,6 +24,6 @@ def get_config(task: str = "sst2"):
       source="glue",                 # "glue" (official TSV folders) or "tfds"
       dir="",                        # the task's folder, e.g. glue_data/SST-2
       tfds_data_dir="",              # TFDS data_dir (source=tfds); "" = TFDS's default
-      max_seq_length=128,
+      max_seq_length=128,            # tokens per example; longer pairs are truncated
   ))
   return config

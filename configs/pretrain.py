@@ -23,19 +23,19 @@ def model_config(layers: int, hidden: int, heads: int) -> ml_collections.ConfigD
   return ml_collections.ConfigDict(dict(
       vocab_size=30522,              # real vocabulary; the embedding table is padded (below)
       vocab_pad_multiple=128,        # pad the table so matmuls tile; padded logits are masked
-      hidden_size=hidden,
-      num_layers=layers,
-      num_heads=heads,
-      intermediate_size=4 * hidden,
-      max_position_embeddings=512,
-      type_vocab_size=2,
+      hidden_size=hidden,            # width of every layer (H)
+      num_layers=layers,             # transformer layers (L)
+      num_heads=heads,               # attention heads per layer (A); hidden_size / num_heads each
+      intermediate_size=4 * hidden,  # width of each layer's feed-forward block
+      max_position_embeddings=512,   # longest sequence the position table holds
+      type_vocab_size=2,             # segment (token type) ids: 2 for sentence pairs A, B
       hidden_act="gelu",             # "gelu" (exact, erf) or "gelu_tanh" (google-research/bert)
-      hidden_dropout=0.1,
-      attention_dropout=0.1,
-      layer_norm_eps=1e-12,
-      initializer_range=0.02,
+      hidden_dropout=0.1,            # dropout rate on embeddings and every residual branch
+      attention_dropout=0.1,         # dropout rate on the attention probabilities
+      layer_norm_eps=1e-12,          # LayerNorm epsilon (google-research/bert's)
+      initializer_range=0.02,        # stddev of the truncated-normal weight initialiser
       dtype="bfloat16",              # compute dtype of matmuls and activations
-      param_dtype="float32",
+      param_dtype="float32",         # dtype of parameters and optimizer state
       attention_impl="auto",         # without attention dropout: jax.nn.dot_product_attention
                                      # ("auto", "xla", "cudnn") or the fused kernel ("fused")
       # Speed switches (docs/benchmarks.md measures them); the defaults are the fastest on GPU.
@@ -54,15 +54,15 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   if variant not in _SIZES:
     raise ValueError(f"unknown pretrain config variant {variant!r}; choose one of {sorted(_SIZES)}")
   config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config.variant = variant           # this config's size; names runs and reports, sets no field
+  config.seed = 0                    # initialisation, dropout and the training data's order
   config.model = model_config(*_SIZES[variant])
 
   config.data = ml_collections.ConfigDict(dict(
       source="shards",               # "shards" (python -m tools.data create) or "synthetic"
       path="",                       # the shard directory (with manifest.json)
-      max_seq_length=128,
-      max_predictions_per_seq=20,
+      max_seq_length=128,            # tokens per sequence; must equal the shards' (manifest.json)
+      max_predictions_per_seq=20,    # masked positions per sequence that the MLM head predicts
       masked_lm_prob=0.15,           # dynamic masking (and the synthetic stream)
       whole_word_mask=False,         # dynamic masking
       verify_checksums=True,         # SHA-256 of every shard when the loader opens it
@@ -71,25 +71,25 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict(dict(
       name="adamw",                  # "adamw" or "lamb"
-      peak_learning_rate=1e-4,
-      end_learning_rate=0.0,
-      warmup_steps=10_000,
+      peak_learning_rate=1e-4,       # the learning rate at the end of warmup
+      end_learning_rate=0.0,         # the rate reached at train.num_train_steps
+      warmup_steps=10_000,           # linear warmup from 0 to peak_learning_rate
       decay="linear",                # "linear" or "polynomial" (with decay_power)
-      decay_power=1.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
-      weight_decay=0.01,
+      decay_power=1.0,               # polynomial decay's exponent (1 = linear)
+      b1=0.9,                        # Adam/LAMB first-moment decay
+      b2=0.999,                      # Adam/LAMB second-moment decay
+      eps=1e-6,                      # Adam/LAMB epsilon
+      weight_decay=0.01,             # decoupled weight decay; never on biases or LayerNorm
       max_grad_norm=1.0,             # global-norm clipping; 0 disables
   ))
 
   config.train = ml_collections.ConfigDict(dict(
-      num_train_steps=1_000_000,
+      num_train_steps=1_000_000,     # optimizer steps of the run (the schedule ends here)
       global_batch_size=256,         # sequences per optimizer step, over all hosts and devices
       grad_accum_steps=1,            # micro-batches per step (each global_batch_size / this)
-      log_every_steps=100,
-      eval_every_steps=10_000,
-      eval_steps=20,
+      log_every_steps=100,           # metrics, progress and the host sync, every N steps
+      eval_every_steps=10_000,       # held-out evaluation every N steps (and at the end)
+      eval_steps=20,                 # held-out batches per evaluation
       peak_tflops_per_device=0.0,    # for MFU; 0 = look the device kind up (unknown: no MFU)
       skip_nonfinite_steps=False,    # True: a step with a NaN/inf loss or gradient norm leaves the
                                      # state unchanged (counted as skipped_steps); False: the run
@@ -97,9 +97,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
   ))
 
   config.ckpt = ml_collections.ConfigDict(dict(
-      save_interval_steps=10_000,
-      max_to_keep=3,
-      async_save=True,
+      save_interval_steps=10_000,    # checkpoint every N steps (and at the end, or on SIGTERM)
+      max_to_keep=3,                 # checkpoints kept; older ones are deleted
+      async_save=True,               # write checkpoints in the background while training goes on
       checksums=True,                # SHA-256 of every file after each save, checked on restore
   ))
 

@@ -1,7 +1,8 @@
 """The command line shared by `python -m pretrain` and `python -m finetune`.
 
 --config (a config file and variant, every field overridable as --config.group.field=value, an
-unknown key an error naming the closest keys), --workdir, --verbose (the traceback of an error), and
+unknown key an error naming the closest keys), --workdir, --help_config (every key of the config with
+its value and description, then exit), --verbose (the traceback of an error), and
 the multi-process flags: on Cloud TPU pods and in SLURM job steps nothing extra is needed; elsewhere
 give every process --coordinator_address=HOST:PORT (process 0's) and --num_processes=N, and each
 its own --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
@@ -27,6 +28,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from pretrain import config_docs
 from pretrain import console
 
 # Config keys that were renamed: a user of the old name gets the new one.
@@ -144,6 +146,35 @@ def config_parse_error(argv: Sequence[str], error: BaseException) -> str:
 # The command
 
 
+def _wants_help(argv: Sequence[str]) -> bool:
+  flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(arg in ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+             for arg in flag_args)
+
+
+def _help_text() -> str:
+  """--help: the command's usage (its `__main__` docstring) and this module's flags. absl's own
+  --help shows only flags defined in `__main__`, none of these, and exits with status 1."""
+  usage = (sys.modules["__main__"].__doc__ or "").strip()
+  return (f"{usage}\n\n{flags.FLAGS.module_help(__name__).strip()}\n\n"
+          "--config.GROUP.KEY=VALUE sets one key of the config; --help_config lists them all.\n"
+          "--helpfull shows every flag, absl's included.")
+
+
+def _print_to_pipe(text: str):
+  """Prints `text`, quietly when the reader stops early (`| head`, quitting `less`)."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit either
+
+
+def _exit_with_error(message: str):
+  """Ends the command with the one line of a user's mistake."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(console.EXIT_USER_ERROR)
+
+
 def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
@@ -159,9 +190,15 @@ def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_exampl
   num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
   process_id = flags.DEFINE_integer("process_id", None, "This process's id, in [0, num_processes).")
   verbose = flags.DEFINE_bool("verbose", False, "On an error, show its traceback too.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  help_config = flags.DEFINE_bool(
+      "help_config", False, "List every key of --config with its value (after the --config.* "
+      "overrides) and description, then exit.")
+  flags.mark_flags_as_required(["config"])
 
   def parse(argv: list[str]) -> list[str]:
+    if _wants_help(argv):
+      _print_to_pipe(_help_text())
+      sys.exit(0)
     try:
       rest = flags.FLAGS(argv)
       value = config.value
@@ -170,16 +207,18 @@ def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_exampl
     except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
       if console.wants_verbose(argv):
         traceback.print_exc()
-      message = (console.error_line(e) if isinstance(e, flags.Error)
-                 else "error: " + " ".join(config_parse_error(argv, e).split()))
-      if message == "error: --config is required":
+      message = (console.error_line(e).removeprefix("error: ") if isinstance(e, flags.Error)
+                 else " ".join(config_parse_error(argv, e).split()))
+      if message == "--config is required":
         message += f", e.g. --config={config_example}"
-      print(message, file=sys.stderr, flush=True)
-      sys.exit(console.EXIT_USER_ERROR)
+      _exit_with_error(message)
     if len(rest) > 1:
-      print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)", file=sys.stderr,
-            flush=True)
-      sys.exit(console.EXIT_USER_ERROR)
+      _exit_with_error(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+    if help_config.value:
+      _print_to_pipe(config_docs.listing(config.value, _config_argument(argv)))
+      sys.exit(0)
+    if workdir.value is None:                 # required unless --help_config
+      _exit_with_error("--workdir is required")
     return rest
 
   def main(argv):
