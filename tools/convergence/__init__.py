@@ -1,4 +1,4 @@
-"""Time to accuracy: the project and transformers' BertForPreTraining, trained side by side.
+r"""Time to accuracy: the project and transformers' BertForPreTraining, trained side by side.
 
   python -m tools.convergence --config=configs/pretrain.py:small --config.data.path=DATA \
       --config.model.vocab_size=30522 --config.train.num_train_steps=10000 \
