@@ -21,6 +21,9 @@ Path = tuple[str | int, ...]
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_fast": "gelu_tanh", "relu": "relu"}
+# Ours -> transformers: gelu_pytorch_tanh is the same tanh approximation as gelu_new, in one fused
+# torch kernel.
+_OUR_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")  # HF buffers
 _QKV = ("query", "key", "value")
 _WORD = "bert.embeddings.word_embeddings.weight"
@@ -204,3 +207,30 @@ def bert_config_from_hf(hf_config_dict: Mapping[str, Any], **overrides: Any) -> 
       **overrides})
   config.validate()
   return config
+
+
+def hf_config_from_bert(config: BertConfig, **fields: Any) -> dict[str, Any]:
+  """A transformers BertConfig's fields (its config.json) for our config: `bert_config_from_hf`'s
+  inverse on every field transformers has.
+
+  `vocab_size` is the real vocabulary, not `padded_vocab_size`: `hf_from_params` cuts the tables
+  to it, and transformers needs the two to agree. `fields` adds transformers' own, e.g.
+  `architectures`, `pad_token_id` or `id2label`.
+  """
+  return {
+      "model_type": "bert",
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "intermediate_size": config.intermediate_size,
+      "max_position_embeddings": config.max_position_embeddings,
+      "type_vocab_size": config.type_vocab_size,
+      "hidden_act": _OUR_ACTIVATIONS[config.hidden_act],
+      "hidden_dropout_prob": config.hidden_dropout,
+      "attention_probs_dropout_prob": config.attention_dropout,
+      "layer_norm_eps": config.layer_norm_eps,
+      "initializer_range": config.initializer_range,
+      "position_embedding_type": "absolute",
+      "tie_word_embeddings": True,
+      **fields}
