@@ -88,7 +88,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       global_batch_size=256,         # sequences per optimizer step, over all hosts and devices
       grad_accum_steps=1,            # micro-batches per step (each global_batch_size / this)
       log_every_steps=100,           # metrics, progress and the host sync, every N steps
-      eval_every_steps=10_000,       # held-out evaluation every N steps (and at the end)
+      eval_every_steps=10_000,       # held-out evaluation every N steps (0: none) and at the end
       eval_steps=20,                 # held-out batches per evaluation
       peak_tflops_per_device=0.0,    # for MFU; 0 = look the device kind up (unknown: no MFU)
       skip_nonfinite_steps=False,    # True: a step with a NaN/inf loss or gradient norm leaves the

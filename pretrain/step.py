@@ -38,8 +38,12 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int =
     raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds "
                      f"model.max_position_embeddings={model.max_position_embeddings}")
   dp, k = sharding.data_parallel_size(mesh), train.grad_accum_steps
-  if k < 1:
-    raise ValueError(f"train.grad_accum_steps={k} must be at least 1")
+  for key in ("grad_accum_steps", "log_every_steps"):
+    if train[key] < 1:
+      raise ValueError(f"train.{key}={train[key]} must be at least 1")
+  if train.eval_every_steps < 0:
+    raise ValueError(f"train.eval_every_steps={train.eval_every_steps} must be 0 (only at the end) "
+                     "or more")
   if train.global_batch_size % (dp * k):
     raise ValueError(
         f"train.global_batch_size={train.global_batch_size} must be divisible by the data-parallel "

@@ -96,7 +96,12 @@ def held_out_batches(config: ml_collections.ConfigDict) -> list[dict]:
   re-verifying) the eval shards.
   """
   source = loader.make_source(config, split="eval")
-  return [] if source is None else [next(source) for _ in range(config.train.eval_steps)]
+  if source is None:
+    return []
+  batches = [next(source) for _ in range(config.train.eval_steps)]
+  if hasattr(source, "close"):      # a remote ShardSource: stop reading ahead
+    source.close()
+  return batches
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict[str, float]:
@@ -185,7 +190,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           progress.set_postfix(loss=f"{values['loss']:.3f}", mlm_acc=f"{values['mlm_accuracy']:.3f}",
                                seq_s=f"{seq_per_s:.0f}", refresh=False)
           pending, last_log_step, last_log_time = [], step, time.perf_counter()
-        if step % train_cfg.eval_every_steps == 0 or step == train_cfg.num_train_steps:
+        every = train_cfg.eval_every_steps
+        if (every and step % every == 0) or step == train_cfg.num_train_steps:
           pending = jax.device_get(pending)          # evaluation syncs: check first
           finite.check_metrics(pending, last_log_step + 1)
           if eval_batches is None:

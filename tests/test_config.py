@@ -244,6 +244,16 @@ def test_max_predictions_above_seq_length():
     _validate(config)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("train.log_every_steps", 0, r"train\.log_every_steps=0 must be at least 1"),
+    ("train.grad_accum_steps", 0, r"train\.grad_accum_steps=0 must be at least 1"),
+    ("train.eval_every_steps", -1, r"train\.eval_every_steps=-1 must be 0 \(only at the end\)"),
+])
+def test_step_counts_out_of_range(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    _validate(tiny_config(**{key: value}))
+
+
 def test_seq_length_above_position_embeddings():
   config = tiny_config(**{"data.max_seq_length": 64})
   with pytest.raises(ValueError, match=r"data\.max_seq_length=64 exceeds "
