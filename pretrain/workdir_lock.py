@@ -14,7 +14,9 @@ exceptions, SIGTERM/Ctrl-C (the loop turns those into a clean stop).
 - Object stores (gs://, any fsspec URL): the lock object is created only if absent, atomically on
   gcsfs >= 2024.12 (`ifGenerationMatch=0`: a second creator gets HTTP 412); fsspec back-ends
   without an atomic create fall back to check-then-write, which two runs starting within the same
-  second could both pass. Stale-lock takeover works as above for a holder on this host only.
+  second could both pass. Stale-lock takeover works as above for a holder on this host only. Taking
+  the lock is the run's first request to the bucket, so a bucket that does not exist or refused
+  credentials stop the run here, in one line (`pretrain.storage.explained`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Iterator
 
 from absl import logging
 import fsspec
+
+from pretrain import storage
 
 LOCK_FILE = "run.lock"
 
@@ -200,8 +204,9 @@ def _acquire_remote(workdir: str, url: str, me: dict[str, Any]) -> _RemoteLock:
 def acquire(workdir: str):
   """Takes the workdir's lock for this process; an object with `.release()` and `.path`."""
   url = os.path.join(workdir, LOCK_FILE)
-  if "://" in workdir:
-    return _acquire_remote(workdir, url, _me())
+  if storage.is_remote(workdir):
+    with storage.explained(workdir, "workdir"):   # the run's first request to the workdir's bucket
+      return _acquire_remote(workdir, url, _me())
   return _acquire_local(workdir, os.path.abspath(url), _me())
 
 

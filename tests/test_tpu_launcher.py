@@ -53,7 +53,8 @@ Z, P = "--zone=europe-west4-a", "--project=my-proj"
 VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 PRETRAIN = ["python3", "-m", "pretrain", "--config=configs/pretrain.py:base",
-            "--workdir=gs://my-bucket/run", "--config.train.global_batch_size=1024"]
+            "--workdir=gs://my-bucket/run", "--config.data.path=gs://my-bucket/data",
+            "--config.train.global_batch_size=1024"]
 UNREACHABLE = {"rc": 255, "stderr": "ssh: connect to host 10.0.0.3 port 22: Connection refused\n"}
 
 
@@ -111,9 +112,10 @@ def test_vm_life_cycle(gcloud, tmp_path, capfd):
   err = capfd.readouterr().err
   assert "TPU VM tpu1 (v4-32, europe-west4-a) is CREATING" in err and "is READY" in err
   assert gcloud.main("setup", "tpu1", f"--wheel={wheel}") == 0
-  assert gcloud.main("exec", "tpu1", "--", "gsutil -m cp -r gs://my-bucket/data ~/bert-jax/") == 0
+  assert gcloud.main("exec", "tpu1", "--", "df -h ~") == 0
   assert gcloud.main("run", "tpu1", "--run_name=r1", "--", *PRETRAIN) == 0
-  assert "logs in ~/bert-logs/r1.log on each worker" in capfd.readouterr().err
+  err = capfd.readouterr().err
+  assert "logs in ~/bert-logs/r1.log on each worker" in err and "warning" not in err
   assert gcloud.main("logs", "tpu1", "--run_name=r1") == 0
   assert gcloud.main("status", "tpu1") == 0
   assert gcloud.main("stop", "tpu1") == 0
@@ -124,8 +126,7 @@ def test_vm_life_cycle(gcloud, tmp_path, capfd):
       describe, describe,
       VM + ["scp", str(wheel), "tpu1:~/", Z, P, "--worker=all"],
       ssh("tpu1", remote.install_script(wheel.name)),
-      ssh("tpu1",
-          "cd ~/bert-jax 2>/dev/null || cd ~; gsutil -m cp -r gs://my-bucket/data ~/bert-jax/"),
+      ssh("tpu1", "cd ~/bert-jax 2>/dev/null || cd ~; df -h ~"),
       ssh("tpu1", remote.run_script("r1", PRETRAIN)),
       ssh("tpu1", "tail -n 100 ~/bert-logs/r1.log", worker="0"),
       describe,
@@ -172,19 +173,23 @@ def test_remote_scripts_say_what_they_run():
   install = remote.install_script("w.whl", python="python3.12")
   assert "apt-get install -y -qq python3.12 python3.12-venv" in install
   assert "python3.12 -m venv ~/bert-jax/venv; . ~/bert-jax/venv/bin/activate" in install
-  assert "python -m pip install --quiet './w.whl[tpu,gcs]' google-cloud-storage;" in install
+  assert "python -m pip install --quiet './w.whl[tpu,gcs]';" in install
   assert "--no-deps --force-reinstall ./w.whl" in install
   for text in (script, install, remote.install_script("w.whl", "gsutil cp gs://b/w.whl w.whl; ")):
     subprocess.run(["bash", "-n", "-c", text], check=True)  # valid shell
 
 
 def test_one_argument_is_shell_text(gcloud, capfd):
-  assert gcloud.main("run", "t", "--run_name=r", "--", "python3 -m pretrain --workdir=/tmp/w") == 0
+  command = "python3 -m pretrain --workdir=/tmp/w --config.data.path=$HOME/data"
+  assert gcloud.main("run", "t", "--run_name=r", "--", command) == 0
   script = gcloud.calls()[0][-1]
   encoded = re.search(r"echo (\S+) \| base64 -d", script).group(1)
   body = base64.b64decode(encoded).decode()
-  assert body.endswith("\nexec python3 -m pretrain --workdir=/tmp/w\n")
-  assert "--workdir=/tmp/w is not gs://" in capfd.readouterr().err
+  assert body.endswith(f"\nexec {command}\n")
+  err = capfd.readouterr().err
+  assert "--workdir=/tmp/w is not gs://" in err
+  assert ("--config.data.path=$HOME/data is not gs://: every worker needs its own copy of the "
+          "shards; on gs:// each worker reads only its own records") in err
   assert gcloud.main("exec", "t", "--worker=1", "--", "ls", "~/a b") == 0
   assert gcloud.calls()[1] == ssh("t", "cd ~/bert-jax 2>/dev/null || cd ~; ls '~/a b'", worker="1")
 

@@ -8,9 +8,10 @@ position after each one so a checkpoint records exactly what the train step has 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import concurrent.futures
+import os
 import queue
 import threading
-import os
 from typing import Any, Protocol
 
 import jax
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from pretrain import sharding
+from pretrain import storage
 from pretrain.data import masking
 from pretrain.data import shards
 from pretrain.data.synthetic import SyntheticSource
@@ -107,24 +109,37 @@ class Prefetcher(Iterator):
     return dict(self._state)
 
   def close(self):
+    """Stops the thread, and the source's own read-ahead if it has one."""
     self._stop.set()
     self._thread.join(timeout=5)
+    if hasattr(self._source, "close"):
+      self._source.close()
 
 
 class ShardSource:
-  """Host-local batches from tokenized shards (see `pretrain.shards`).
+  """Host-local batches from tokenized shards (see `pretrain.data.shards`), local or at a gs:// URL.
 
   The data set's N instances are cut into `process_count` contiguous, disjoint parts that cover it
   (sizes differ by at most one); this host reads only its part, reshuffles it every epoch with a
   seed of (seed, epoch, host), and serves (N // process_count) // local_batch batches per epoch, so
-  every host takes the same number of steps. In dynamic mode each batch gets fresh masks. The position (epoch, batch) is the state a
-  checkpoint records.
+  every host takes the same number of steps. In dynamic mode each batch gets fresh masks. The
+  position (epoch, batch) is the state a checkpoint records.
+
+  Local shards are memory-mapped and read when a batch is asked for. Remote shards are read by
+  byte ranges, only this host's records (`records`, a `shards.Records`); since the order is known
+  in advance, the next `read_ahead` batches (default: REMOTE_READ_AHEAD for remote shards, none for
+  local ones) are read and masked on `read_threads` threads while earlier ones train. Read-ahead
+  changes nothing but timing: batch k is the same records and masks either way, and `set_state`
+  drops what was read ahead.
   """
+
+  REMOTE_READ_AHEAD = 16
 
   def __init__(self, directory: str, *, split: str, global_batch_size: int, seed: int,
                max_seq_length: int, max_predictions_per_seq: int,
                dynamic_masking: masking.MaskingSpec | None = None,
-               process_index: int = 0, process_count: int = 1, verify: bool = True):
+               process_index: int = 0, process_count: int = 1, verify: bool = True,
+               read_ahead: int | None = None, read_threads: int = 4):
     manifest = shards.read_manifest(directory)
     creation = manifest["creation"]
     if creation["max_seq_length"] != max_seq_length:
@@ -138,9 +153,7 @@ class ShardSource:
       raise ValueError(f"the shards in {directory} are unmasked (mode=dynamic): the loader needs "
                        "a masking spec")
     self.manifest = manifest
-    self._shards = shards.open_shards(directory, split, verify=verify)
-    self._ends = np.cumsum([len(s) for s in self._shards])
-    total = int(self._ends[-1]) if len(self._ends) else 0
+    total = sum(e["num_instances"] for e in shards.split_entries(directory, manifest, split))
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} does not split over {process_count} "
                        "processes")
@@ -152,17 +165,26 @@ class ShardSource:
     if self.batches_per_epoch == 0:
       raise ValueError(f"split {split!r} of {directory} has {total} instances: fewer than one "
                        f"batch of {global_batch_size} (per host {self.local_batch})")
+    self.records = shards.open_records(directory, split, verify=verify, rows=self.part,
+                                        manifest=manifest)
     self.seed, self.process_index = seed, process_index
     self.max_predictions = max_predictions_per_seq
     self.masking = dynamic_masking
     self._epoch, self._batch = 0, 0
     self._order = None
+    if read_ahead is None:
+      read_ahead = self.REMOTE_READ_AHEAD if storage.is_remote(directory) else 0
+    self.read_ahead = read_ahead
+    self._pool = (concurrent.futures.ThreadPoolExecutor(read_threads, "shard-read")
+                  if read_ahead else None)
+    self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "batch": self._batch}
 
   def set_state(self, state: dict[str, Any]):
     self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
+    self._drop_pending()
 
   def __iter__(self):
     return self
@@ -175,24 +197,41 @@ class ShardSource:
     return self._order[1][batch * self.local_batch:(batch + 1) * self.local_batch]
 
   def __next__(self) -> dict[str, np.ndarray]:
-    index = self.indices(self._epoch, self._batch)
-    records = self._gather(index)
-    batch = self._to_batch(records, self._epoch, self._batch)
+    position = (self._epoch, self._batch)
+    if self._pool is None:
+      batch = self._load(self.indices(*position), *position)
+    else:
+      for ahead in self._upcoming(self.read_ahead + 1):
+        if ahead not in self._pending:
+          self._pending[ahead] = self._pool.submit(self._load, self.indices(*ahead), *ahead)
+      batch = self._pending.pop(position).result()
     self._batch += 1
     if self._batch == self.batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
     return batch
 
-  def _gather(self, index: np.ndarray) -> np.ndarray:
-    shard_of = np.searchsorted(self._ends, index, side="right")
-    starts = np.concatenate([[0], self._ends[:-1]])
-    out = np.empty(len(index), self._shards[0].dtype)
-    for shard in np.unique(shard_of):
-      rows = np.flatnonzero(shard_of == shard)
-      local = index[rows] - starts[shard]
-      order = np.argsort(local)                  # read each shard front to back
-      out[rows[order]] = self._shards[shard][local[order]]
-    return out
+  def _upcoming(self, count: int):
+    """The next `count` positions (epoch, batch), starting at the current one."""
+    epoch, batch = self._epoch, self._batch
+    for _ in range(count):
+      yield epoch, batch
+      batch += 1
+      if batch == self.batches_per_epoch:
+        epoch, batch = epoch + 1, 0
+
+  def _load(self, index: np.ndarray, epoch: int, batch: int) -> dict[str, np.ndarray]:
+    return self._to_batch(self.records.read(index), epoch, batch)
+
+  def _drop_pending(self):
+    for future in self._pending.values():
+      future.cancel()
+    self._pending.clear()
+
+  def close(self):
+    """Stops the read-ahead: reads not started are dropped, those in flight waited for."""
+    self._drop_pending()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def _to_batch(self, records: np.ndarray, epoch: int, batch_index: int) -> dict[str, np.ndarray]:
     ids = records["input_ids"].astype(np.int32)

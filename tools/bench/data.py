@@ -1,12 +1,21 @@
 """Data-pipeline throughput per CPU core: text -> instances, the tokenizer floor, and the loader.
 
   python -m tools.bench.data --input='../shared/data/corpus/*.gz' --tokenizer=path/to/vocab.txt
+  python -m tools.bench.data --shards=DIR --storage [--bucket=gs://BUCKET/DIR]
 
 1. `create`: text -> tokenized, masked instances in shards (static mode, dupe_factor 1) with one
    worker process; tokens per CPU-second (this process + the worker).
 2. The `tokenizers` library's own batch encode of the same sentences on one thread: the floor
    no Python pipeline around it can beat.
 3. The loader: `ShardSource` batches at seq 128 with dynamic masking, in this one process.
+4. With --storage: the loader on the same shards from local disk (memory-mapped) and from object
+   storage (range requests with read-ahead), in sequences per second of wall time, and their ratio.
+   The shards are uploaded to a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py), or to
+   --bucket (a real gs:// prefix; removed afterwards). Remote reads are timed twice: as the loader
+   runs (records of a batch at most 8 apart share a request), and with max_gap_records=0 (only
+   adjacent ones do), close to the one request per record that a corpus much larger than a batch
+   gives. --shards=DIR skips 1-3 and uses DIR's shards
+   (seq 128 or any other length).
 """
 
 from __future__ import annotations
@@ -33,13 +42,22 @@ def _cpu_seconds() -> float:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--input", nargs="+", required=True)
-  parser.add_argument("--tokenizer", required=True)
+  parser.add_argument("--input", nargs="+")
+  parser.add_argument("--tokenizer")
   parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--loader_batches", type=int, default=200)
   parser.add_argument("--whole_word_mask", action="store_true")
+  parser.add_argument("--shards", help="existing shards: measure the loader from storage only")
+  parser.add_argument("--storage", action="store_true",
+                      help="local disk vs object storage (see 4. above)")
+  parser.add_argument("--bucket", help="a gs:// prefix to upload to instead of the emulator")
   args = parser.parse_args(argv)
+  if args.shards:
+    _print_rows(storage_rows(args.shards, args.batch_size, args.loader_batches, args.bucket))
+    return 0
+  if not (args.input and args.tokenizer):
+    parser.error("--input and --tokenizer are required (or --shards=DIR --storage)")
 
   from pretrain.data import corpus  # pylint: disable=g-import-not-at-top
   from pretrain.data import create as create_data  # pylint: disable=g-import-not-at-top
@@ -90,6 +108,8 @@ def main(argv=None) -> int:
     for _ in range(args.loader_batches):
       next(source)
     loader_cpu, loader_wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    storage_table = (storage_rows(dynamic, args.batch_size, args.loader_batches, args.bucket)
+                     if args.storage else [])
   finally:
     shutil.rmtree(out, ignore_errors=True)
 
@@ -106,10 +126,77 @@ def main(argv=None) -> int:
                f"{args.loader_batches * args.batch_size / loader_cpu:,.0f}  "
                f"(seq/s wall {args.loader_batches * args.batch_size / loader_wall:,.0f}, "
                f"batch {args.batch_size}, whole-word {args.whole_word_mask})"))
+  _print_rows(rows + storage_table)
+  return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]):
   width = max(len(k) for k, _ in rows)
   for key, value in rows:
     print(f"{key:<{width}}  {value}")
-  return 0
+
+
+def _seq_per_s(source, batches: int) -> float:
+  """Wall-clock sequences per second over `batches` batches, after one to start up."""
+  next(source)
+  wall0 = time.perf_counter()
+  for _ in range(batches):
+    next(source)
+  seconds = time.perf_counter() - wall0
+  source.close()
+  return batches * source.local_batch / seconds
+
+
+def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | None
+                 ) -> list[tuple[str, str]]:
+  """Loader throughput on `directory`'s shards from local disk and from object storage."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  from pretrain.data import loader, masking, shards  # pylint: disable=g-import-not-at-top
+  from tools.gcs_emulator import Emulator  # pylint: disable=g-import-not-at-top
+
+  manifest = shards.read_manifest(directory)
+  creation = manifest["creation"]
+  tokenizer = loader.tokenizer_of_shards(directory, manifest)
+  spec = masking.MaskingSpec.for_tokenizer(tokenizer, creation["max_predictions_per_seq"], 0.15,
+                                           False)
+
+  def source(path, **kwargs):
+    return loader.ShardSource(path, split="train", global_batch_size=batch_size, seed=0,
+                              max_seq_length=creation["max_seq_length"],
+                              max_predictions_per_seq=creation["max_predictions_per_seq"],
+                              dynamic_masking=spec, **kwargs)
+
+  local = _seq_per_s(source(directory), batches)
+  emulator = None if bucket else Emulator().start()
+  try:
+    if emulator:
+      emulator.activate()
+      emulator.create_bucket("bench")
+    url = bucket.rstrip("/") + f"/bench-data-{os.getpid()}" if bucket else "gs://bench/shards"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.put(directory.rstrip("/") + "/", root, recursive=True)
+    try:
+      remote = _seq_per_s(source(url), batches)
+      single = source(url)
+      single.records.max_gap_records = 0
+      per_record = _seq_per_s(single, batches)
+    finally:
+      fs.rm(root, recursive=True)
+  finally:
+    if emulator:
+      emulator.stop()
+  where = bucket or "GCS emulator on 127.0.0.1"
+  shape = (f"seq {creation['max_seq_length']}, batch {batch_size}, "
+           f"{manifest['splits']['train']['num_instances']:,} instances")
+  return [
+      (f"loader, local disk: seq/s ({shape})", f"{local:,.0f}"),
+      (f"loader, {where}: seq/s",
+       f"{remote:,.0f}  (ratio to local {remote / local:.2f}, read-ahead "
+       f"{loader.ShardSource.REMOTE_READ_AHEAD} batches)"),
+      (f"loader, {where}, max_gap_records=0: seq/s",
+       f"{per_record:,.0f}  (ratio to local {per_record / local:.2f})"),
+  ]
 
 
 if __name__ == "__main__":

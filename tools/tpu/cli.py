@@ -4,8 +4,9 @@
       [--accelerator_type=v4-32] [--runtime_version=tpu-ubuntu2204-base] [--no-wait]
   python -m tools.tpu setup NAME [--wheel=PATH] [--from_gcs[=gs://BUCKET/DIR/ | gs://.../X.whl]]
   python -m tools.tpu run NAME [--run_name=RUN] -- python3 -m pretrain \\
-      --config=configs/pretrain.py:base --workdir=gs://BUCKET/run --config.x=y
-  python -m tools.tpu exec NAME [--worker=all|N] -- 'gsutil -m cp -r gs://BUCKET/data ~/bert-jax/'
+      --config=configs/pretrain.py:base --workdir=gs://BUCKET/run \\
+      --config.data.path=gs://BUCKET/data --config.x=y
+  python -m tools.tpu exec NAME [--worker=all|N] -- 'df -h ~'
   python -m tools.tpu logs NAME [--run_name=RUN] [--worker=all|N] [--follow]
   python -m tools.tpu status NAME [--queued]
   python -m tools.tpu stop NAME
@@ -20,8 +21,10 @@ one argument is shell text run as it stands on the workers; several are quoted w
 `setup` installs into the virtual environment ~/bert-jax/venv (Python 3.11). A run starts on every
 worker at once, detached (setsid nohup), in that environment, its output in ~/bert-logs/RUN.log on
 each worker (~/bert-logs/latest.log points at the newest), from ~/bert-jax where `setup` links the
-installed `configs/`, so `--config=configs/pretrain.py:VARIANT` works there. `stop` sends SIGTERM,
-on which pretraining saves a checkpoint and exits; running the same `run` command again resumes.
+installed `configs/`, so `--config=configs/pretrain.py:VARIANT` works there. Shards and workdir
+stay in the bucket (gs:// paths; a local one is warned about): each worker streams only its own
+records, nothing is copied to the workers. `stop` sends SIGTERM, on which pretraining saves a
+checkpoint and exits; running the same `run` command again resumes.
 """
 
 from __future__ import annotations

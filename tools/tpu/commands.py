@@ -132,19 +132,35 @@ def cmd_setup(args, target: Target, runner: Runner, defaults: Defaults) -> None:
 
 
 # -------------------------------------------------------------------------------- run and watch
+def _local_path_warnings(command: list[str]) -> list[str]:
+  """Warnings for a workdir or shard directory that is not on gs://: each worker would need (or
+  write) its own copy, which a new VM loses; on gs:// each worker streams only its own records."""
+  try:
+    words = shlex.split(command[0]) if len(command) == 1 else command
+  except ValueError:
+    return []
+  found = {}
+  for word in words:
+    flag, _, value = word.partition("=")
+    if flag in ("--workdir", "--config.data.path") and value:
+      found[flag] = value
+  out = []
+  if "--workdir" in found and not found["--workdir"].startswith("gs://"):
+    out.append(f"--workdir={found['--workdir']} is not gs://: each worker writes its own copy and "
+               "a new VM loses it")
+  if "--config.data.path" in found and not found["--config.data.path"].startswith("gs://"):
+    out.append(f"--config.data.path={found['--config.data.path']} is not gs://: every worker needs "
+               "its own copy of the shards; on gs:// each worker reads only its own records")
+  return out
+
+
 def cmd_run(args, target: Target, runner: Runner, defaults: Defaults) -> None:
   if not args.command:
     raise LauncherError("no command to run: put it after `--`, e.g. `python -m tools.tpu run "
                         "NAME -- python3 -m pretrain --config=configs/pretrain.py:base "
-                        "--workdir=gs://...`")
-  try:
-    words = shlex.split(args.command[0]) if len(args.command) == 1 else args.command
-  except ValueError:
-    words = []
-  workdir = [a.split("=", 1)[1] for a in words if a.startswith("--workdir=")]
-  if workdir and not workdir[0].startswith("gs://"):
-    print(f"tpu: warning: --workdir={workdir[0]} is not gs://: each worker writes its own copy and "
-          "a new VM loses it", file=sys.stderr)
+                        "--workdir=gs://... --config.data.path=gs://...`")
+  for warning in _local_path_warnings(args.command):
+    print(f"tpu: warning: {warning}", file=sys.stderr)
   run_name = args.run_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
   print(f"tpu: run {run_name}: {shell_text(args.command)}", file=sys.stderr, flush=True)
   runner(target.ssh(run_script(run_name, args.command)), retry=True)
@@ -156,7 +172,7 @@ def cmd_run(args, target: Target, runner: Runner, defaults: Defaults) -> None:
 def cmd_exec(args, target: Target, runner: Runner, defaults: Defaults) -> None:
   if not args.command:
     raise LauncherError("no command to run: put it after `--`, e.g. `python -m tools.tpu exec "
-                        "NAME -- 'gsutil -m cp -r gs://BUCKET/bert/data ~/bert-jax/'`")
+                        "NAME -- 'df -h ~'`")
   runner(target.ssh(exec_script(args.command), args.worker), retry=True)
 
 

@@ -28,16 +28,15 @@ def shell_text(command: Sequence[str]) -> str:
 def install_script(wheel_name: str, fetch: str = "", python: str = "python3.11") -> str:
   """Remote shell: a virtual environment ~/bert-jax/venv on `python` (jax >= 0.7 needs Python
   >= 3.11; the TPU images' Ubuntu 22.04 has 3.10, so apt installs it), the wheel with the tpu and
-  gcs extras (gcsfs: gs:// through fsspec and Orbax) and google-cloud-storage (tensorboardX's gs://
-  writer), then the wheel itself forced (the same version may have changed), and the installed
-  configs/ linked into ~/bert-jax so that `--config=configs/...` works from there."""
+  gcs extras (gcsfs: shards, metrics and TensorBoard on gs://; Orbax writes through TensorStore),
+  then the wheel itself forced (the same version may have changed), and the installed configs/
+  linked into ~/bert-jax so that `--config=configs/...` works from there."""
   wheel, py = shlex.quote(wheel_name), shlex.quote(python)
   return (f"set -e; cd ~; {fetch}"
           f"if ! command -v {py} >/dev/null; then sudo apt-get update -qq && sudo "
           f"DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {py} {py}-venv; fi; "
           f"[ -x {VENV}/bin/python ] || {py} -m venv {VENV}; . {VENV}/bin/activate; "
-          f"python -m pip install --quiet {shlex.quote('./' + wheel_name + '[tpu,gcs]')} "
-          "google-cloud-storage; "
+          f"python -m pip install --quiet {shlex.quote('./' + wheel_name + '[tpu,gcs]')}; "
           f"python -m pip install --quiet --no-deps --force-reinstall ./{wheel}; "
           f"mkdir -p {LOG_DIR} {REMOTE_DIR}; ln -sfn \"$(python -c 'import configs, os; "
           f"print(os.path.dirname(configs.__file__))')\" {REMOTE_DIR}/configs; "
