@@ -43,6 +43,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   config.head = ml_collections.ConfigDict(dict(
       mode="finetune",               # "finetune" (all weights) or "features" (frozen encoder + mix)
       dropout=0.1,                   # dropout rate on the head's input
+      pooling="pooler",              # finetune mode, sentence tasks: "pooler" ([CLS] through BERT's
+                                     # pooler), "cls" (raw final [CLS]) or "mean" of final tokens
       feature_pooling="mean",        # features mode, sentence tasks: "mean" of tokens or "cls"
   ))
 
@@ -72,6 +74,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       eval_every_steps=0,            # 0 = at the end of every epoch
       log_every_steps=50,            # training loss to metrics.jsonl and TensorBoard every N steps
       max_train_examples=0,          # 0 = all; a positive number trains on the first N (quick runs)
+      subsample_seed=-1,             # >= 0: max_train_examples draws N at random with this seed
+                                     # (class-stratified, nested: smaller N are subsets of larger)
   ))
 
   config.ckpt = ml_collections.ConfigDict(dict(

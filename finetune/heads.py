@@ -1,9 +1,13 @@
 """Task models on the pretrained encoder: classification, regression and span (SQuAD) heads.
 
-Full fine-tuning reads the pooled [CLS] output (classification/regression, as BERT does) or every
-token (span). Feature-extraction mode freezes the encoder (`stop_gradient`, and the optimizer leaves it
-alone) and feeds the head a learned softmax-weighted mix of all hidden states, ELMo's scalar mix
-(Peters et al., 2018): gamma * sum_j softmax(w)_j h_j over the embeddings output and every layer.
+Full fine-tuning reads, for classification/regression, BERT's pooled [CLS] output (`pooler`, as BERT
+does), the raw final [CLS] state (`cls`) or the mean of the final token states over the input mask
+(`mean`: sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with it, their pooler
+never was); span heads read every token. Where the pooler is not read its weights are neither
+restored nor trained (`uses_pooler`). Feature-extraction mode freezes the encoder (`stop_gradient`,
+and the optimizer leaves it alone) and feeds the head a learned softmax-weighted mix of all hidden
+states, ELMo's scalar mix (Peters et al., 2018): gamma * sum_j softmax(w)_j h_j over the embeddings
+output and every layer.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from pretrain.model.layers import Dense, param
 from pretrain.speed import SpeedPath
 
 KINDS = ("classification", "regression", "span")
+POOLINGS = ("pooler", "cls", "mean")        # full fine-tuning; the first is the default
+FEATURE_POOLINGS = ("mean", "cls")          # features mode (per layer); the first is the default
+
+
+def uses_pooler(kind: str, features: bool, pooling: str) -> bool:
+  """Whether the head reads BERT's pooler: full fine-tuning of a sentence task with "pooler"."""
+  return kind != "span" and not features and pooling == "pooler"
 
 
 class ScalarMix(nnx.Module):
@@ -45,12 +56,17 @@ class TaskModel(nnx.Module):
   """
 
   def __init__(self, config: BertConfig, *, kind: str, num_labels: int = 2, head_dropout: float = 0.1,
-               features: bool = False, pooling: str = "mean", rngs: nnx.Rngs,
+               features: bool = False, pooling: str | None = None, rngs: nnx.Rngs,
                path: SpeedPath | None = None):
+    """`pooling`: "pooler", "cls" or "mean" in full fine-tuning (default "pooler"); "cls" or "mean"
+    in features mode (default "mean"), where it pools every layer before the scalar mix."""
     if kind not in KINDS:
       raise ValueError(f"task kind {kind!r}; choose one of {KINDS}")
-    if pooling not in ("cls", "mean"):
-      raise ValueError(f"head.feature_pooling={pooling!r}; choose 'cls' or 'mean'")
+    key, choices = (("head.feature_pooling", FEATURE_POOLINGS) if features
+                    else ("head.pooling", POOLINGS))
+    pooling = pooling or choices[0]
+    if pooling not in choices:
+      raise ValueError(f"{key}={pooling!r}; choose one of {', '.join(map(repr, choices))}")
     self.kind, self.features, self.pooling = kind, features, pooling
     self.head_dropout = head_dropout
     path = path or speed.resolve(config)
@@ -65,7 +81,11 @@ class TaskModel(nnx.Module):
     """The head's input: pooled (batch, hidden) or per-token (batch, seq, hidden) features."""
     if not self.features:
       seq, pooled = self.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"], key)
-      return seq if self.kind == "span" else pooled
+      if self.kind == "span":
+        return seq
+      if self.pooling == "pooler":
+        return pooled
+      return pool_layers([seq], batch["input_mask"], self.pooling)[0]
     _, _, hidden = self.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"],
                              all_layers=True)       # frozen: no dropout in the encoder
     hidden = [jax.lax.stop_gradient(h) for h in hidden]

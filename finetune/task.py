@@ -38,6 +38,10 @@ class Task(abc.ABC):
   label_keys: tuple[str, ...]            # feature arrays the loss reads besides the inputs
 
   @abc.abstractmethod
+  def all_train_examples(self) -> list[Any]:
+    """Every example of the training split (a question for SQuAD), before any subsampling."""
+
+  @abc.abstractmethod
   def train_features(self) -> dict[str, np.ndarray]: ...
 
   @abc.abstractmethod
@@ -54,8 +58,39 @@ class Task(abc.ABC):
                         ) -> list[str]: ...
 
 
-def _limit(features: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-  return {k: v[:n] for k, v in features.items()} if n else features
+def subsample(num_examples: int, size: int, seed: int, labels=None) -> np.ndarray:
+  """Sorted indices of `size` of `num_examples` examples, drawn by `seed`; nested across sizes.
+
+  The seed fixes one order of all the examples and a size takes its first `size`, so for one seed
+  the 100 examples of a learning curve are among its 300. With `labels` (classification) each
+  class's examples are shuffled and spread evenly along that order, so every prefix holds each
+  class in its share of the whole set to within one example: the small sizes are stratified too.
+  """
+  rng = np.random.default_rng(seed)
+  if labels is None:
+    order = rng.permutation(num_examples)
+  else:
+    labels = np.asarray(labels)
+    position = np.empty(num_examples)
+    for label in np.unique(labels):
+      members = rng.permutation(np.flatnonzero(labels == label))
+      position[members] = (np.arange(members.size) + rng.random()) / members.size
+    order = np.lexsort((rng.random(num_examples), position))     # ties broken at random
+  return np.sort(order[:size])
+
+
+def choose_train_examples(examples: list, train: ml_collections.ConfigDict, labels=None) -> list:
+  """The training examples a run uses (`train.max_train_examples` and `train.subsample_seed`): all,
+  the first N, or with a seed N drawn at random (`subsample`; `labels` make the draw stratified)."""
+  size = train.max_train_examples
+  if not size:
+    return examples
+  if train.subsample_seed < 0:
+    return examples[:size]
+  if size > len(examples):
+    raise ValueError(f"train.max_train_examples={size} with train.subsample_seed="
+                     f"{train.subsample_seed}: the training set has only {len(examples)} examples")
+  return [examples[i] for i in subsample(len(examples), size, train.subsample_seed, labels)]
 
 
 class GlueTask(Task):
@@ -90,9 +125,14 @@ class GlueTask(Task):
                               regression=self.spec.is_regression)
 
   @functools.cache
+  def all_train_examples(self):
+    return self._read("train")
+
+  @functools.cache
   def train_features(self):
-    examples = self._read("train")
-    return _limit(self._features(examples), self.config.train.max_train_examples)
+    examples = self.all_train_examples()
+    labels = None if self.spec.is_regression else [e.label for e in examples]
+    return self._features(choose_train_examples(examples, self.config.train, labels))
 
   @functools.cache
   def eval_sets(self):
@@ -158,10 +198,12 @@ class SquadTask(Task):
                                is_training=is_training)
 
   @functools.cache
+  def all_train_examples(self):
+    return self._read("train")
+
+  @functools.cache
   def train_features(self):
-    examples = self._read("train")
-    if self.config.train.max_train_examples:
-      examples = examples[:self.config.train.max_train_examples]
+    examples = choose_train_examples(self.all_train_examples(), self.config.train)
     features = self._features(examples, is_training=True)
     return {k: np.asarray(getattr(features, k)) for k in
             ("input_ids", "input_mask", "segment_ids", "start_positions", "end_positions")}

@@ -82,6 +82,32 @@ def load_pretrained(config: ml_collections.ConfigDict):
   return pretrained, tokenizer
 
 
+def pooling_of(config: ml_collections.ConfigDict) -> str:
+  """The head's pooling: head.pooling in full fine-tuning, head.feature_pooling in features mode."""
+  return config.head.feature_pooling if config.head.mode == "features" else config.head.pooling
+
+
+def restores_pooler(config: ml_collections.ConfigDict, task: Task) -> bool:
+  """Whether the checkpoint's pooler is restored: asked for (restore_pooler), read by the head."""
+  return config.restore_pooler and heads.uses_pooler(task.kind, config.head.mode == "features",
+                                                     pooling_of(config))
+
+
+def check_tokenizer(config: ml_collections.ConfigDict, tokenizer, pretrained,
+                    model_config: BertConfig):
+  """Refuses a tokenizer the model cannot read: another vocabulary size, or, where pretrained
+  weights are restored, a `--config.tokenizer` other than the one they were pretrained with (the
+  same size does not make the same vocabulary: a SentencePiece and BERT's WordPiece can both have
+  30,522 entries)."""
+  pretrained_lib.check_vocabulary(tokenizer, model_config.vocab_size,
+                                  "model_variant" if pretrained is None else pretrained.workdir)
+  recorded = None if pretrained is None or config.from_scratch else pretrained.tokenizer_sha256
+  if recorded not in (None, tokenizer.sha256):
+    raise ValueError(f"vocabulary mismatch: the tokenizer {tokenizer.path} is not the one "
+                     f"{pretrained.workdir} was pretrained with ({pretrained.tokenizer_path}: same "
+                     "size, other entries); drop --config.tokenizer to use the checkpoint's own")
+
+
 def make_setup(config: ml_collections.ConfigDict, task: Task, model_config: BertConfig, mesh: Mesh,
                num_steps: int) -> Setup:
   features = config.head.mode == "features"
@@ -93,13 +119,21 @@ def make_setup(config: ml_collections.ConfigDict, task: Task, model_config: Bert
   def make_model(key):
     return heads.TaskModel(model_config, kind=task.kind, num_labels=task.num_labels,
                            head_dropout=config.head.dropout, features=features,
-                           pooling=config.head.feature_pooling, rngs=nnx.Rngs(key), path=path)
+                           pooling=pooling_of(config), rngs=nnx.Rngs(key), path=path)
+
+  # Features mode freezes the encoder (only the scalar mix and the head train); a head that does
+  # not read the pooler leaves it frozen too, rather than decaying weights nothing uses.
+  pooler_unused = not heads.uses_pooler(task.kind, features, pooling_of(config))
+
+  def frozen(path) -> bool:
+    names = tuple(getattr(k, "key", None) for k in path[:2])
+    return (features and names[0] == "bert") or (pooler_unused and names == ("bert", "pooler"))
 
   trainable = None
-  if features:   # the encoder is frozen: only the scalar mix and the head train
+  if features or pooler_unused:
     abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: make_model(0)))[1])
-    trainable = jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[0], "key", None) != "bert", abstract_params)
+    trainable = jax.tree_util.tree_map_with_path(lambda path, _: not frozen(path),
+                                                 abstract_params)
   tx, schedule = make_optimizer(config.optim, num_steps, model_config.num_layers, trainable)
   return make_state_setup(make_model, model_config, mesh, tx, schedule, path)
 
@@ -177,7 +211,7 @@ def run_seed(config, task: Task, setup: Setup, steps: tuple[Any, Any], pretraine
   train_cfg = config.train
   train_step, predict_step = steps
   state = init_state(setup, seed, None if config.from_scratch else pretrained,
-                     config.restore_pooler)
+                     restores_pooler(config, task))
   writer = MetricsWriter(workdir)
   best = Checkpointer(os.path.join(workdir, "best"), save_interval_steps=1, max_to_keep=1,
                       async_save=False, best_metric=task.main_metric) \
@@ -282,8 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   check_inputs(config)                  # every input file, before anything is read or compiled
   pretrained, tokenizer = load_pretrained(config)
   model_config = model_config_for(config, pretrained)
-  pretrained_lib.check_vocabulary(tokenizer, model_config.vocab_size,
-                                  "model_variant" if pretrained is None else pretrained.workdir)
+  check_tokenizer(config, tokenizer, pretrained, model_config)
   seq_len = config.data.max_seq_length
   if seq_len > model_config.max_position_embeddings:
     raise ValueError(f"data.max_seq_length={seq_len} exceeds the model's max_position_embeddings="
