@@ -20,6 +20,19 @@ in a child process that compiles while ours compiles; the timed sections take tu
 lock) and prints ours, the peer's, their ratio and the matmul ceiling side by side.
 `--profile_dir=DIR` also traces a few steps (jax.profiler) and prints where the device time goes.
 tools/bench/sweep.py runs many configurations (and their peers) this way in one process.
+
+Memory, per device (device 0), in GiB (`device_memory_fields`, `compiled_analysis`):
+- `compiled_step_gib`: XLA's own buffer assignment for the step, arguments + outputs - outputs
+  aliased onto donated arguments + temporaries (`compiled.memory_analysis()`): what XLA allocates for
+  the step (the allocator may round up), known on every backend (the CPU too).
+- `device_peak_gib`: the allocator's `peak_bytes_in_use` after the timed steps. jax cannot reset it,
+  so it is the peak since the process started: compilation scratch (autotuning), the batch, the
+  initial state and every earlier configuration of a sweep (the matmul ceiling runs after).
+- `device_row_peak_gib`: that peak less what the device held when this configuration's turn began,
+  i.e. what the step itself added (its state and buffers); null unless the process's peak rose during
+  this configuration's turn (else its own peak is hidden under an earlier one).
+All three device figures are null where `memory_stats()` is None (the CPU), with `device_memory_note`
+saying so. The peer reports the same two figures from torch (`peak_mem_gib`, `peak_mem_row_gib`).
 """
 
 from __future__ import annotations
@@ -124,6 +137,7 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
 
   config = p.config
   with gpu_lock(lock), jax.set_mesh(p.mesh):
+    memory_before = device_memory()
     if initial_state is None:
       state = p.setup.init(config.seed)
     else:
@@ -141,6 +155,7 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
       jax.block_until_ready(metrics)
       per_step.append((time.perf_counter() - start) / window)
     loss = float(metrics["loss"])
+    memory_after = device_memory()
     del state
 
   step_s = statistics.median(per_step)
@@ -167,18 +182,46 @@ def time_prepared(p: Prepared, steps: int, warmup: int, lock: str | None = None,
   if peak:
     result.update(peak_tflops=peak, mfu=result["tflops_per_device"] / peak)
   result.update(compiled_analysis(p.compiled))
+  result.update(device_memory_fields(memory_before, memory_after))
   return result
 
 
+def device_memory() -> dict | None:
+  """Device 0's allocator statistics, or None where the backend keeps none (the CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return stats if stats and "peak_bytes_in_use" in stats else None
+
+
+def device_memory_fields(before: dict | None, after: dict | None) -> dict:
+  """The measured device memory of one configuration's turn (see the module's docstring)."""
+  if after is None:
+    return dict(device_peak_gib=None, device_row_peak_gib=None, device_peak_in_row=None,
+                device_in_use_before_gib=None, device_bytes_limit_gib=None,
+                device_memory_note="memory_stats() is None on this backend: no device peak")
+  peak = after["peak_bytes_in_use"]
+  rose = before is not None and peak > before["peak_bytes_in_use"]
+  return dict(device_peak_gib=peak / 2**30,
+              device_row_peak_gib=(peak - before["bytes_in_use"]) / 2**30 if rose else None,
+              device_peak_in_row=rose,
+              device_in_use_before_gib=before["bytes_in_use"] / 2**30 if before else None,
+              device_bytes_limit_gib=after.get("bytes_limit", 0) / 2**30 or None)
+
+
 def compiled_analysis(compiled) -> dict:
-  """Memory (GiB) and XLA's own FLOP/byte counts of a compiled step."""
+  """Memory (GiB, per device) and XLA's own FLOP/byte counts of a compiled step."""
   out = {}
   try:
     memory = compiled.memory_analysis()
     if memory is not None:
-      out.update(argument_gib=memory.argument_size_in_bytes / 2**30,
-                 output_gib=memory.output_size_in_bytes / 2**30,
-                 temp_gib=memory.temp_size_in_bytes / 2**30)
+      argument, output = memory.argument_size_in_bytes, memory.output_size_in_bytes
+      alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+      out.update(argument_gib=argument / 2**30, output_gib=output / 2**30,
+                 alias_gib=alias / 2**30, temp_gib=temp / 2**30,
+                 compiled_step_gib=(argument + output - alias + temp) / 2**30)
   except Exception:  # pylint: disable=broad-except
     pass
   try:
@@ -331,6 +374,8 @@ def main(argv):
       if "seq_per_s" in runs[0]:
         result["peer_seq_per_s"] = runs[0]["seq_per_s"]
         result["ours_over_peer"] = result["seq_per_s"] / runs[0]["seq_per_s"]
+        result["peer_peak_mem_gib"] = runs[0].get("peak_mem_gib")
+        result["peer_peak_mem_row_gib"] = runs[0].get("peak_mem_row_gib")
   show({k: v for k, v in result.items() if k not in ("profile", "peer")})
   if "profile" in result:
     print(json.dumps(result["profile"], indent=1))

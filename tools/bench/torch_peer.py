@@ -12,6 +12,13 @@ windows of `--window` steps between device synchronisations, reported as the med
 `--lock=PATH` serialises the timed sections with another process (tools/bench/sweep.py runs ours
 and the peer side by side, compiling at the same time, timing one at a time). Only numpy, torch and
 transformers are needed; jax is never imported here.
+
+Memory (CUDA only, else null), in GiB: `peak_mem_gib` is `torch.cuda.max_memory_allocated()` over
+the timed steps (the peak is reset just before them), which counts every tensor of this process,
+including the models of the other configurations a `--runs` process holds; `peak_mem_row_gib` is
+that peak less those others (what was allocated before the timed steps less this configuration's
+own parameters, optimizer state and batch): what this configuration's step itself occupies, the
+figure comparable with ours (tools/benchmark.py, `device_row_peak_gib`).
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ class Peer:
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01,
                                  fused=self.cuda)
     step_model = torch.compile(self.model) if args.compile else self.model
-    inputs = torch_batch(self.batch, args.vocab_size, device)
+    inputs = self.inputs = torch_batch(self.batch, args.vocab_size, device)
     self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
 
     def step():
@@ -105,6 +112,9 @@ class Peer:
       for _ in range(2):
         self.step()
       self.sync()
+      if self.cuda:                 # the timed steps' peak (see the module's docstring)
+        in_use_before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
       times = []
       for _ in range(max(1, args.steps // args.window)):
         t0 = time.perf_counter()
@@ -124,9 +134,28 @@ class Peer:
         window=args.window, seq_per_s=b / step_s,
         first_loss=self.first_loss, last_loss=float(loss),
         other_side_compiling=other_side_compiling, torch_version=torch.__version__)
+    result.update(peak_mem_gib=None, peak_mem_row_gib=None, mem_in_use_before_gib=None,
+                  own_resident_gib=self.resident_bytes() / 2**30)
     if self.cuda:
-      result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+      peak = torch.cuda.max_memory_allocated()
+      others = max(0, in_use_before - self.resident_bytes())
+      result.update(peak_mem_gib=peak / 2**30, peak_mem_row_gib=(peak - others) / 2**30,
+                    mem_in_use_before_gib=in_use_before / 2**30)
+    else:
+      result["memory_note"] = "no CUDA device: no peak memory"
     return result
+
+  def resident_bytes(self) -> int:
+    """Bytes of this configuration's parameters, buffers, optimizer state and batch."""
+    import torch  # pylint: disable=g-import-not-at-top
+    tensors = [*self.model.parameters(), *self.model.buffers(), *self.inputs.values()]
+    for state in self.opt.state.values():
+      tensors += [v for v in state.values() if torch.is_tensor(v)]
+    storages = {}
+    for t in tensors:
+      storage = t.untyped_storage()
+      storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def torch_matmul_tflops(n: int = 8192, repeats: int = 20) -> float | None:
