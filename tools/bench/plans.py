@@ -1,7 +1,11 @@
 """The benchmark plans: named configurations (overrides of configs/pretrain.py:VARIANT) as data.
 
 A plan is a dict of rows, timed in order; a variant of the model is a config key, never a patch of
-the code. `PEERS` names the rows whose shapes the PyTorch peer also runs, `PROFILES` the rows to
+the code. A row's `"xla"` entry (a dict) names XLA compile options for that row alone
+(`lowered.compile(compiler_options=...)`, the names of XLA_FLAGS without `--`); a row whose
+`mesh.shape` needs another number of devices than the process sees is skipped, so one plan can hold
+the one-GPU baseline (run under CUDA_VISIBLE_DEVICES=0) and the two-GPU rows. `PEERS` names the
+rows whose shapes the PyTorch peer also runs, `PROFILES` the rows to
 profile, `SAME_LOSS` the pairs whose first loss (same parameters, batch and key) must agree.
 Plans that measured code since removed (hooks of 2026-11) ran at the commits docs/benchmarks.md
 names.
@@ -29,6 +33,24 @@ LARGE512 = {"variant": "large", "train.global_batch_size": 32, "data.max_seq_len
 TINY32 = {"variant": "tiny", "train.global_batch_size": 8, "data.max_seq_length": 32,
           "data.max_predictions_per_seq": 5, **PLAIN}
 
+# Issue 20: fsdp on two GPUs, the base-128 defaults at 256 sequences per GPU (as the "Two GPUs"
+# tables of docs/benchmarks.md), with XLA's collective scheduling and combining options.
+# Pipelining and double buffering act on while loops: the scanned layer stack (model.scan_layers).
+BASE128_PER_GPU = {"variant": "base", "data.max_seq_length": 128,
+                   "data.max_predictions_per_seq": 20}
+ONE_GPU = {**BASE128_PER_GPU, "train.global_batch_size": 256, "mesh.shape": (1, 1, 1)}
+DP2 = {**BASE128_PER_GPU, "train.global_batch_size": 512, "mesh.shape": (2, 1, 1)}
+FSDP2 = {**BASE128_PER_GPU, "train.global_batch_size": 512, "mesh.shape": (1, 2, 1)}
+SCAN = {"model.scan_layers": True}
+LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}
+COMBINE = {"xla_gpu_all_gather_combine_threshold_bytes": 2**27,        # 128 MiB
+           "xla_gpu_reduce_scatter_combine_threshold_bytes": 2**27,
+           "xla_gpu_all_reduce_combine_threshold_bytes": 2**27}
+PIPELINE = {**LHS, "xla_gpu_enable_pipelined_all_gather": True,
+            "xla_gpu_enable_pipelined_reduce_scatter": True,
+            "xla_gpu_enable_pipelined_all_reduce": True,
+            "xla_gpu_enable_while_loop_double_buffering": True}
+
 PLANS = {
     # the rows of docs/benchmarks.md: each row with the fused kernels and plain
     "table": {
@@ -52,6 +74,23 @@ PLANS = {
         "large512_defaults": {"variant": "large", "train.global_batch_size": 32,
                               "data.max_seq_length": 512, "data.max_predictions_per_seq": 76},
     },
+    # issue 20, most telling first (a run cut short keeps them): run it twice into one --out, once
+    # under CUDA_VISIBLE_DEVICES=0 (the 1gpu rows), once on both GPUs (the rest); docs/benchmarks.md
+    "fsdp_overlap": {
+        "fsdp": {**FSDP2},
+        "dp": {**DP2},
+        "fsdp_lhs": {**FSDP2, "xla": {**LHS}},
+        "fsdp_scan_pipelined": {**FSDP2, **SCAN, "xla": {**PIPELINE}},
+        "fsdp_scan": {**FSDP2, **SCAN},
+        "fsdp_scan_lhs": {**FSDP2, **SCAN, "xla": {**LHS}},
+        "fsdp_lhs_combine": {**FSDP2, "xla": {**LHS, **COMBINE}},
+        "fsdp_scan_pipelined_combine": {**FSDP2, **SCAN, "xla": {**PIPELINE, **COMBINE}},
+        "dp_lhs": {**DP2, "xla": {**LHS}},
+        "dp_scan": {**DP2, **SCAN},
+        "1gpu": {**ONE_GPU},
+        "1gpu_scan": {**ONE_GPU, **SCAN},
+        "1gpu_lhs": {**ONE_GPU, "xla": {**LHS}},
+    },
     "smoke": {   # a CPU check of the machinery (tiny model, seconds)
         "tiny_plain": {**TINY32},
         "tiny_fused": {**TINY32, **FUSED},
@@ -61,5 +100,8 @@ PLANS = {
 _PEER_ROWS = ["base128_d11_plain", "base128_d00_cudnn_plain", "large128_d11_plain",
               "large512_d11_plain"]
 PEERS = {"table": _PEER_ROWS, "smoke": ["tiny_plain"]}
-PROFILES = {"table": ["large512_d11_fused", "base128_d11_fused"], "smoke": ["tiny_fused"]}
-SAME_LOSS = {"smoke": [("tiny_plain", "tiny_fastbwd")]}
+PROFILES = {"table": ["large512_d11_fused", "base128_d11_fused"], "smoke": ["tiny_fused"],
+            "fsdp_overlap": ["fsdp", "fsdp_scan_pipelined"]}     # their GPU HLO comes back too
+SAME_LOSS = {"smoke": [("tiny_plain", "tiny_fastbwd")],
+             "fsdp_overlap": [("dp", "fsdp"), ("fsdp", "fsdp_lhs"),
+                              ("fsdp_scan", "fsdp_scan_pipelined")]}

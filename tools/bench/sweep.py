@@ -7,7 +7,11 @@ the peer (tools/bench/torch_peer.py, a child process) compiles its models; then 
 timed one at a time (the peer takes turns under a file lock), most important first, each result
 appended to DIR/results.jsonl as soon as it exists, so a run cut short still leaves its figures.
 Then the matmul ceiling, the profiles of `--profile` configurations (DIR/profiles.json), their
-optimised HLO (DIR/hlo_NAME.txt.gz), and a table: ours / peer / ratio / MFU.
+optimised HLO (DIR/hlo_NAME.txt.gz), and a table: ours / peer / ratio / MFU, and each multi-device
+row's seq/s as a share of N x the one-device row of the same per-device batch (run the plan once
+under CUDA_VISIBLE_DEVICES=0 into the same DIR first: rows whose mesh needs another number of
+devices are skipped). A row's "xla" dict is passed to XLA as compile options (plans.py).
+`--dry_run` lists the plan's rows and checks their XLA option names against this jaxlib, then exits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import json
+import math
 import os
 import shutil
 import time
@@ -39,6 +44,8 @@ _PEER_COMPILE = flags.DEFINE_bool("peer_compile", True, "torch.compile the peer 
 _PEER_PROCS = flags.DEFINE_integer("peer_procs", 2, "Peer processes compiling side by side.")
 _DEADLINE = flags.DEFINE_float("deadline_s", 1e9, "Skip what is left after this many seconds.")
 _WAIT = flags.DEFINE_float("peer_wait_s", 240, "Longest wait for the other side's compilation.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the plan's rows and check their XLA option "
+                             "names on this machine's jaxlib; compile and time nothing.")
 
 
 def _same_shape(a: dict, b: dict) -> bool:
@@ -51,12 +58,50 @@ def _same_shape(a: dict, b: dict) -> bool:
 def make_config(overrides: dict):
   from configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
   overrides = dict(overrides)
+  overrides.pop("xla", None)                       # compile options, not config keys
   config = get_config(overrides.pop("variant"))
   config.data.source = "synthetic"
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value
   return config
+
+
+def mesh_devices(config) -> int | None:
+  """How many devices the row's mesh needs; None when one axis is -1 (it takes them all)."""
+  shape = tuple(config.mesh.shape)
+  return None if -1 in shape else math.prod(shape)
+
+
+def compile_with_options(p, options: dict):
+  """benchmark.compile_prepared, with the row's XLA compile options (its "xla" dict)."""
+  if not options:
+    return benchmark.compile_prepared(p)
+  start = time.perf_counter()
+  p.compiled = p.lowered.compile(compiler_options=options)
+  p.compile_s = time.perf_counter() - start
+  return p
+
+
+def dry_run(plan_name: str, plan: dict):
+  """Prints the rows; an XLA option this jaxlib does not know is an error naming it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for name, overrides in plan.items():
+    config = make_config(overrides)
+    rest = {k: v for k, v in overrides.items() if k not in ("variant", "xla")}
+    print(f"{name:30} devices {mesh_devices(config) or 'all'}  {config.variant} {rest}  "
+          f"xla {overrides.get('xla') or '-'}")
+  print(f"peers {PEERS.get(plan_name, [])}  profiles {PROFILES.get(plan_name, [])}  "
+        f"same loss {SAME_LOSS.get(plan_name, [])}")
+  lowered = jax.jit(lambda x: x + 1).lower(1.0)
+  for name, overrides in plan.items():
+    for option, value in overrides.get("xla", {}).items():
+      try:
+        lowered.compile(compiler_options={option: value})
+      except Exception as e:  # pylint: disable=broad-except
+        raise SystemExit(f"plan {plan_name!r} row {name!r}: XLA option {option}={value!r} refused "
+                         f"by jaxlib {jax.__version__}: {e}") from e
+  print(f"every XLA option is known to jaxlib {jax.__version__} ({jax.default_backend()})")
 
 
 def log(out: str, record: dict):
@@ -70,6 +115,9 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   os.makedirs(out, exist_ok=True)
   plan = {k: v for k, v in PLANS[_PLAN.value].items() if not _ONLY.value or k in _ONLY.value}
+  if _DRY_RUN.value:
+    dry_run(_PLAN.value, plan)
+    return
   t0 = time.time()
   sync_dir = os.path.join("/tmp", f"bench_sync_{os.getpid()}")   # lock and ready files
   os.makedirs(sync_dir, exist_ok=True)
@@ -101,12 +149,18 @@ def main(argv):
   prepared = {}
   for name, overrides in plan.items():            # tracing and lowering: one at a time
     try:
-      prepared[name] = benchmark.prepare(make_config(overrides), name)
+      config = make_config(overrides)
+      if mesh_devices(config) not in (None, jax.device_count()):
+        log(out, dict(event="skipped", name=name, reason=f"mesh {tuple(config.mesh.shape)} needs "
+                      f"{mesh_devices(config)} devices, this process has {jax.device_count()}"))
+        continue
+      prepared[name] = benchmark.prepare(config, name)
     except Exception as e:  # pylint: disable=broad-except
       log(out, dict(name=name, stage="lower", error=f"{type(e).__name__}: {e}"[:3000]))
   log(out, dict(event="lowered", seconds=time.time() - t0))
   with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:   # XLA compiles in parallel
-    futures = {pool.submit(benchmark.compile_prepared, p): n for n, p in prepared.items()}
+    futures = {pool.submit(compile_with_options, p, plan[n].get("xla")): n
+               for n, p in prepared.items()}
     for future in concurrent.futures.as_completed(futures):
       name = futures[future]
       try:
@@ -127,13 +181,15 @@ def main(argv):
       log(out, dict(name=name, stage="time", error="skipped: --deadline_s reached"))
       continue
     try:
-      layout = (p.config.variant, p.config.model.scan_layers)   # same params, same optimizer
+      layout = (p.config.variant, p.config.model.scan_layers,   # same params, same optimizer,
+                tuple(p.mesh.shape.items()))                    # same shardings
       if layout not in initial_states:
         with jax.set_mesh(p.mesh):
           initial_states[layout] = p.setup.init(p.config.seed)
       results[name] = benchmark.time_prepared(p, _STEPS.value, _WARMUP.value, lock,
                                               initial_states[layout], benchmark._WINDOW.value)  # pylint: disable=protected-access
       results[name]["peer_still_compiling"] = not peer_ready
+      results[name]["xla_options"] = plan[name].get("xla", {})
       log(out, results[name])
     except Exception as e:  # pylint: disable=broad-except
       log(out, dict(name=name, stage="time", error=f"{type(e).__name__}: {e}"[:3000]))
@@ -174,6 +230,28 @@ def main(argv):
     except Exception:  # pylint: disable=broad-except
       peer.kill()
   table(out)
+  scaling(out)
+
+
+def scaling(out: str):
+  """Each multi-device row's seq/s against N x the one-device rows without XLA options."""
+  records = [r for r in benchmark.read_jsonl(os.path.join(out, "results.jsonl"))
+             if "seq_per_s" in r and not r.get("peer")]
+  one = {}
+  for r in records:
+    if r["num_devices"] == 1 and not r.get("xla_options"):
+      one.setdefault((r["variant"], r["seq_len"], r["global_batch"], r["scan_layers"]), r)
+  for r in records:
+    n = r["num_devices"]
+    if n == 1:
+      continue
+    shares = []
+    for scan in (False, True):    # against the unscanned (default) one-device row, and the scanned
+      base = one.get((r["variant"], r["seq_len"], r["global_batch"] // n, scan))
+      if base:
+        shares.append(f"{r['seq_per_s'] / (n * base['seq_per_s']):6.1%} of {n} x {base['name']}")
+    if shares:
+      print(f"scaling {r['name']:30} {r['seq_per_s']:8.0f} seq/s  " + "  ".join(shares))
 
 
 def table(out: str):
@@ -185,7 +263,9 @@ def table(out: str):
            and "seq_per_s" in r}
   print(f"\ndevice: {next((r['device'] for r in records if 'device' in r), '?')}, "
         f"bf16 matmul {matmul and round(matmul)} TFLOP/s")
-  print(f"{'name':34} {'ms':>7} {'seq/s':>8} {'MFU':>6} {'MFU/mm':>6} {'peer':>7} {'ratio':>6}")
+  gib = lambda x, w: f"{x:{w}.2f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"
+  print(f"{'name':34} {'ms':>7} {'seq/s':>8} {'GiB':>6} {'XLA GiB':>7} {'MFU':>6} {'MFU/mm':>6} "
+        f"{'peer':>7} {'peer GiB':>8} {'ratio':>6}")
   for r in records:
     if "seq_per_s" not in r or r.get("peer"):
       continue
@@ -193,11 +273,20 @@ def table(out: str):
            r["attention_dropout"])
     peer = peers.get(key, {}).get("seq_per_s")
     mm = r["tflops_per_device"] / matmul if matmul else float("nan")
-    print(f"{r['name']:34} {r['step_ms']:7.2f} {r['seq_per_s']:8.0f} {r.get('mfu', 0):6.1%} "
-          f"{mm:6.1%} {peer or float('nan'):7.0f} {r['seq_per_s'] / peer if peer else float('nan'):6.2f}")
+    print(f"{r['name']:34} {r['step_ms']:7.2f} {r['seq_per_s']:8.0f} "
+          f"{gib(r.get('device_row_peak_gib'), 6)} {gib(r.get('compiled_step_gib'), 7)} "
+          f"{r.get('mfu', 0):6.1%} {mm:6.1%} {peer or float('nan'):7.0f} "
+          f"{gib(peers.get(key, {}).get('peak_mem_row_gib'), 8)} "
+          f"{r['seq_per_s'] / peer if peer else float('nan'):6.2f}")
+  print("GiB: device peak of the row's own state and step (device 0; - where not measured: the CPU, "
+        "or the process's peak came earlier); XLA GiB: the compiled step's buffers; peer GiB: torch's "
+        "peak over its timed steps less its other configurations' tensors (tools/benchmark.py)")
   for key, r in peers.items():
-    print(f"peer {key}: {r['seq_per_s']:.0f} seq/s, {r['step_ms']:.2f} ms, compile {r['compile_s']:.0f} s")
+    print(f"peer {key}: {r['seq_per_s']:.0f} seq/s, {r['step_ms']:.2f} ms, compile {r['compile_s']:.0f} s, "
+          f"peak {gib(r.get('peak_mem_gib'), 0)} GiB (process), {gib(r.get('peak_mem_row_gib'), 0)} GiB (row)")
 
 
 if __name__ == "__main__":
+  from pretrain import console  # pylint: disable=g-import-not-at-top
+  console.default_jax_platforms()        # before JAX is imported: no TPU probing without a TPU
   app.run(main)
