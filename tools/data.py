@@ -64,8 +64,20 @@ def main(argv=None) -> int:
   inspect.add_argument("--split", default="train")
   inspect.add_argument("--num", type=int, default=3)
 
+  overlap = sub.add_parser("overlap", parents=[common],
+                           help="how much of fine-tuning tasks' text a corpus has seen")
+  overlap.add_argument("--input", nargs="+", required=True, help="corpus files, directories or globs")
+  overlap.add_argument("--input_format", default="auto")
+  overlap.add_argument("--glue", action="append", default=[], metavar="TASK=DIR",
+                       help="a GLUE-layout task's training set, e.g. sst2=glue_data/SST-2")
+  overlap.add_argument("--squad", action="append", default=[], metavar="NAME=FILE",
+                       help="a SQuAD-layout training file (contexts and questions)")
+  overlap.add_argument("--tokenizer", help="also pieces per word and unknown pieces on each task")
+  overlap.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
+
   args = parser.parse_args(argv)
-  command = {"train-tokenizer": _train_tokenizer, "create": _create, "inspect": _inspect}
+  command = {"train-tokenizer": _train_tokenizer, "create": _create, "inspect": _inspect,
+             "overlap": _overlap}
   return console.run_command(lambda: command[args.command](args), args.verbose)
 
 
@@ -135,6 +147,43 @@ def _inspect(args) -> int:
           f"segment B from position {int(np.argmax(segments)) if segments.any() else '-'}")
     print(" ".join(shown))
   print("\n<shown|original> marks a position to predict")
+  return 0
+
+
+def _task_texts(glue: list[str], squad: list[str]) -> dict[str, list[str]]:
+  """{name: the training set's input texts} of every --glue TASK=DIR and --squad NAME=FILE."""
+  from finetune.tasks import glue as glue_lib  # pylint: disable=g-import-not-at-top
+  from finetune.tasks import squad as squad_lib  # pylint: disable=g-import-not-at-top
+  texts = {}
+  for flag, values in (("glue", glue), ("squad", squad)):
+    for value in values:
+      name, sep, path = value.partition("=")
+      if not sep or not name or not path:
+        raise ValueError(f"--{flag}={value}: give NAME=PATH")
+      if flag == "glue":
+        texts[f"{name} ({path})"] = [" ".join(filter(None, (e.text_a, e.text_b)))
+                                     for e in glue_lib.read_glue(name, path, "train")]
+      else:
+        examples = squad_lib.read_squad_json(path)
+        texts[f"{name} ({path})"] = (list(dict.fromkeys(e.context for e in examples))
+                                     + [e.question for e in examples])
+  if not texts:
+    raise ValueError("overlap needs at least one --glue TASK=DIR or --squad NAME=FILE")
+  return texts
+
+
+def _overlap(args) -> int:
+  from pretrain.data import corpus  # pylint: disable=g-import-not-at-top
+  from pretrain.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from tools import overlap  # pylint: disable=g-import-not-at-top
+
+  texts = _task_texts(args.glue, args.squad)
+  tokenizer = args.tokenizer and load_tokenizer(args.tokenizer, lowercase=args.lowercase)
+  counts = overlap.corpus_counts(corpus.iter_corpus(args.input, format=args.input_format))
+  print(f"corpus: {sum(counts.values()):,} words, {len(counts):,} distinct")
+  print(overlap.header(bool(tokenizer)))
+  for name, task_texts in texts.items():
+    print(overlap.measure(task_texts, counts, tokenizer or None).row(name))
   return 0
 
 
