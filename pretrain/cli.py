@@ -156,7 +156,9 @@ def _help_text() -> str:
   """--help: the command's usage (its `__main__` docstring) and this module's flags. absl's own
   --help shows only flags defined in `__main__`, none of these, and exits with status 1."""
   usage = (sys.modules["__main__"].__doc__ or "").strip()
-  return (f"{usage}\n\n{flags.FLAGS.module_help(__name__).strip()}\n\n"
+  sections = [usage, flags.FLAGS.main_module_help().strip(),   # the command's own (finetune.curve)
+              flags.FLAGS.module_help(__name__).strip()]
+  return ("\n\n".join(filter(None, sections)) + "\n\n"
           "--config.GROUP.KEY=VALUE sets one key of the config; --help_config lists them all.\n"
           "--helpfull shows every flag, absl's included.")
 

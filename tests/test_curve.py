@@ -231,3 +231,11 @@ def test_bad_input_stops_with_one_line_before_training(tiny, tmp_path, capsys):
   assert "same size, other entries" in _one_line_error(
       capsys, curve(_config(tiny, tokenizer=str(same_size))))
   assert not (tmp_path / "bad" / "results.jsonl").exists()
+
+
+def test_help_lists_the_curve_flags():
+  result = subprocess.run([sys.executable, "-m", "finetune.curve", "--help"], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  for flag in ("--sizes", "--arms", "--extra", "--workers", "--workdir", "--help_config"):
+    assert flag in result.stdout, flag
