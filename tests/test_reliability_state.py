@@ -82,18 +82,6 @@ def _steps(directory: Path) -> list[int]:
 
 
 @pytest.fixture
-def warnings_seen(caplog):
-  """The WARNING (and higher) lines logged through absl during the test."""
-  caplog.set_level(logging.WARNING, logger="absl")
-  return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-@pytest.fixture(scope="module")
-def child_env(tmp_path_factory):
-  return reliability_helpers.child_env(tmp_path_factory)
-
-
-@pytest.fixture
 def runs(child_env, tmp_path):
   """runs(workdir, overrides, **faults): train.run in a subprocess (reliability_helpers)."""
   count = iter(range(100))

@@ -7,7 +7,6 @@ The live holder is a separate process that takes the lock and sleeps.
 """
 
 import json
-import logging
 import os
 from pathlib import Path
 import socket
@@ -18,22 +17,10 @@ import textwrap
 import pytest
 
 from helpers import tiny_config
-import reliability_helpers
 from pretrain import train
 from pretrain import workdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def warnings_seen(caplog):
-  caplog.set_level(logging.WARNING, logger="absl")
-  return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-@pytest.fixture(scope="module")
-def child_env(tmp_path_factory):
-  return reliability_helpers.child_env(tmp_path_factory)
 
 
 _HOLDER = textwrap.dedent("""
