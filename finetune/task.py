@@ -64,7 +64,8 @@ def subsample(num_examples: int, size: int, seed: int, labels=None) -> np.ndarra
   The seed fixes one order of all the examples and a size takes its first `size`, so for one seed
   the 100 examples of a learning curve are among its 300. With `labels` (classification) each
   class's examples are shuffled and spread evenly along that order, so every prefix holds each
-  class in its share of the whole set to within one example: the small sizes are stratified too.
+  class in about its share of the whole set (within one or two examples per class): the small
+  sizes are stratified too.
   """
   rng = np.random.default_rng(seed)
   if labels is None:

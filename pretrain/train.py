@@ -98,10 +98,11 @@ def held_out_batches(config: ml_collections.ConfigDict) -> list[dict]:
   source = loader.make_source(config, split="eval")
   if source is None:
     return []
-  batches = [next(source) for _ in range(config.train.eval_steps)]
-  if hasattr(source, "close"):      # a remote ShardSource: stop reading ahead
-    source.close()
-  return batches
+  try:
+    return [next(source) for _ in range(config.train.eval_steps)]
+  finally:
+    if hasattr(source, "close"):    # a remote ShardSource: stop reading ahead
+      source.close()
 
 
 def evaluate(eval_step, params, batches: list[dict], mesh) -> dict[str, float]:

@@ -129,7 +129,8 @@ def _inspect(args) -> int:
   source = loader.ShardSource(
       args.data_dir, split=args.split, global_batch_size=args.num, seed=0,
       max_seq_length=creation["max_seq_length"],
-      max_predictions_per_seq=creation["max_predictions_per_seq"], dynamic_masking=spec)
+      max_predictions_per_seq=creation["max_predictions_per_seq"], dynamic_masking=spec,
+      read_ahead=0)                    # one batch is all it shows (gs:// would read 16 ahead)
   batch = next(source)
   print(json.dumps(creation))
   for row in range(args.num):

@@ -4,7 +4,8 @@ A pretrained encoder can only transfer what its corpus taught it: a word the cor
 rarely) used gets no useful representation however long the run. For each task this reports, over
 the task's running words (lowercased letters and apostrophes; each occurrence counts), the share
 whose word appears at least 1, 10 and 100 times in the corpus, the share of distinct words the
-corpus never has, and, with a tokenizer, its pieces per word and unknown-token rate on the task.
+corpus never has, and, with a tokenizer, its pieces per word (over those words) and the share of
+the task's pieces (over its raw text) that are the unknown token.
 Issue 15 uses it to say where a small corpus, not the recipe, limits transfer.
 """
 
@@ -71,8 +72,12 @@ def measure(texts: Sequence[str], corpus: collections.Counter, tokenizer=None) -
   unk = tokenizer.token_to_id("[UNK]")
   if unk is None:
     unk = tokenizer.token_to_id("<unk>")
+  # Pieces per word over the words alone (punctuation and digits are not words here); the
+  # unknown rate over the raw text, where the characters a vocabulary lacks are.
+  word_pieces = sum(len(ids) for ids, _ in tokenizer.encode_batch(
+      [" ".join(words(text)) for text in texts]))
   pieces = unknown = 0
   for ids, _ in tokenizer.encode_batch(list(texts)):
     pieces += len(ids)
     unknown += int((ids == unk).sum()) if unk is not None else 0
-  return Overlap(total, len(task), seen, unseen, pieces / total, unknown / max(pieces, 1))
+  return Overlap(total, len(task), seen, unseen, word_pieces / total, unknown / max(pieces, 1))

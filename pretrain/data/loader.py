@@ -96,7 +96,10 @@ class Prefetcher(Iterator):
           except queue.Full:
             continue
     except BaseException as e:  # surfaced to the consumer on its next call
-      self._queue.put(e)
+      try:
+        self._queue.put(e, timeout=1)
+      except queue.Full:        # nobody is reading any more (close() was called)
+        pass
 
   def __next__(self) -> dict[str, jax.Array]:
     item = self._queue.get()
@@ -112,8 +115,8 @@ class Prefetcher(Iterator):
     """Stops the thread, and the source's own read-ahead if it has one."""
     self._stop.set()
     self._thread.join(timeout=5)
-    if hasattr(self._source, "close"):
-      self._source.close()
+    if hasattr(self._source, "close") and not self._thread.is_alive():
+      self._source.close()      # only once the thread has stopped: never under a read in flight
 
 
 class ShardSource:
