@@ -136,6 +136,18 @@ def wants_verbose(argv: Sequence[str]) -> bool:
   return any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
 
 
+HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+
+
+def exit_on_help(argv: Sequence[str], usage: str):
+  """For an absl `app.run` command: --help prints `usage` and the flags `__main__` defines, and
+  exits 0 (absl's own --help exits with status 1)."""
+  if any(arg in HELP_ARGS for arg in argv[1:]):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    print(f"{usage.strip()}\n\n{flags.FLAGS.main_module_help().strip()}", flush=True)
+    raise SystemExit(0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Log lines and the progress bar
 

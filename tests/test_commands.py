@@ -72,12 +72,13 @@ def test_command_is_its_python_m_form(command):
   module = _run([sys.executable, "-m", MODULE_OF[command], "--help"])
   assert (installed.returncode, installed.stdout, installed.stderr) == \
          (module.returncode, module.stdout, module.stderr)
+  assert installed.returncode == 0, installed.stderr[-3000:]
   if command in ("bert-pretrain", "bert-finetune"):
-    assert installed.returncode == 0, installed.stderr[-3000:]
     assert "--help_config" in installed.stdout and "--workdir" in installed.stdout
   if command == "bert-convergence":
-    assert installed.returncode == 0, installed.stderr[-3000:]
     assert "--max_seconds" in installed.stdout and "--target_mlm_accuracy" in installed.stdout
+  if command in ("bert-benchmark", "bert-fit"):
+    assert "--config" in installed.stdout and "\\\n" in installed.stdout   # usage lines kept whole
 
 
 def test_help_config_lists_the_keys_from_any_directory(tmp_path):

@@ -1,4 +1,4 @@
-"""Times the jitted pretraining step after compilation and reports seq/s, tokens/s, TFLOP/s and MFU.
+r"""Times the jitted pretraining step after compilation and reports seq/s, tokens/s, TFLOP/s and MFU.
 
   python -m tools.benchmark --config=configs/pretrain.py:base \
       --config.train.global_batch_size=256 --config.data.max_seq_length=128 [--peer=torch]
@@ -52,6 +52,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from pretrain import console
 from tools.bench.gpu_turns import gpu_lock, wait_for
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -385,4 +386,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  console.exit_on_help(sys.argv, __doc__)
   app.run(main)

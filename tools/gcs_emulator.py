@@ -56,6 +56,7 @@ class Emulator:
                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     self._process = self._log = None
     self._saved_env: dict[str, str | None] = {}
+    self._saved_conf: dict[str, dict] = {}
 
   def start(self, timeout: float = 20.0) -> "Emulator":
     self._log = tempfile.TemporaryFile()
@@ -83,6 +84,7 @@ class Emulator:
       self._saved_env.setdefault(key, os.environ.get(key))
       os.environ[key] = value
     for protocol in ("gs", "gcs"):
+      self._saved_conf.setdefault(protocol, dict(fsspec.config.conf.get(protocol, {})))
       fsspec.config.conf.setdefault(protocol, {})["token"] = "anon"
       fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
     fsspec.get_filesystem_class("gs").clear_instance_cache()
@@ -98,6 +100,12 @@ class Emulator:
       else:
         os.environ[key] = value
     self._saved_env = {}
+    if self._saved_conf:                 # gs:// after the emulator uses the real credentials again
+      import fsspec  # pylint: disable=g-import-not-at-top
+      for protocol, conf in self._saved_conf.items():
+        fsspec.config.conf[protocol] = conf
+      fsspec.get_filesystem_class("gs").clear_instance_cache()
+      self._saved_conf = {}
     if self._process is not None and self._process.poll() is None:
       self._process.terminate()
       try:

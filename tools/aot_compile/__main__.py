@@ -1,4 +1,4 @@
-"""Ahead-of-time fit check: compiles the real train step for a TPU topology, with no TPU attached.
+r"""Ahead-of-time fit check: compiles the real train step for a TPU topology, with no TPU attached.
 
   python -m tools.aot_compile --config=configs/pretrain.py:base --topology=v5e-16 \
       [--config.train.global_batch_size=256 --config.data.max_seq_length=512 \
@@ -37,6 +37,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from pretrain import console
 from tools.aot_compile.report import compile_report, format_report
 from tools.aot_compile.search import find_max_batch
 from tools.aot_compile.topology import TopologyError, libtpu_available, parse_topology
@@ -114,4 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  console.exit_on_help(sys.argv, __doc__)
   app.run(main)
