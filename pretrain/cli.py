@@ -148,8 +148,7 @@ def config_parse_error(argv: Sequence[str], error: BaseException) -> str:
 
 def _wants_help(argv: Sequence[str]) -> bool:
   flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-  return any(arg in ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
-             for arg in flag_args)
+  return any(arg in console.HELP_ARGS for arg in flag_args)
 
 
 def _help_text() -> str:
@@ -177,8 +176,9 @@ def _exit_with_error(message: str):
   sys.exit(console.EXIT_USER_ERROR)
 
 
-def _absolute(path: str) -> str:
-  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+def absolute(path: str) -> str:
+  """A local path made absolute (~ expanded); a URL (gs://...) and "" (none given) as they are."""
+  return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_example: str):
@@ -233,7 +233,7 @@ def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_exampl
 
     def body():
       distributed.initialize(coordinator.value, num_processes.value, process_id.value)
-      return run(config.value, _absolute(workdir.value)) and None
+      return run(config.value, absolute(workdir.value)) and None
 
     return console.run_command(body, verbose.value)
 

@@ -118,9 +118,10 @@ def prepare(config, name: str = "") -> Prepared:
   return Prepared(name, config, built.setup, mesh, batch, lowered)
 
 
-def compile_prepared(p: Prepared) -> Prepared:
+def compile_prepared(p: Prepared, xla_options: dict | None = None) -> Prepared:
+  """Compiles the step, with XLA compile options if given (a sweep row's "xla" dict)."""
   start = time.perf_counter()
-  p.compiled = p.lowered.compile()
+  p.compiled = p.lowered.compile(compiler_options=xla_options or None)
   p.compile_s = time.perf_counter() - start
   return p
 

@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import os
 import re
 
 import ml_collections
@@ -77,11 +76,6 @@ def parse_sizes(values: list[str]) -> list[int | None]:
   return sorted(sizes, key=lambda s: (s is None, s or 0))
 
 
-def _absolute(path: str) -> str:
-  """A local path made absolute (results name it; the same checkpoint is one path however given)."""
-  return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def parse_arms(names: list[str], checkpoint: str, extras: list[str], overrides: list[str]
                ) -> list[Arm]:
   """Arms from --arms (built-in names or --extra names), then --extra arms not listed there."""
@@ -105,7 +99,8 @@ def parse_arms(names: list[str], checkpoint: str, extras: list[str], overrides: 
   if needs_checkpoint and not checkpoint:
     raise UserError(f"arm {needs_checkpoint[0]} needs --checkpoint=PRETRAINING_WORKDIR")
   by_arm = _overrides_by_arm(overrides, order)
-  return [Arm(name, _absolute(extra.get(name, checkpoint)), tuple(by_arm[name])) for name in order]
+  return [Arm(name, cli.absolute(extra.get(name, checkpoint)), tuple(by_arm[name]))
+          for name in order]
 
 
 def _overrides_by_arm(overrides: list[str], arms: list[str]) -> dict[str, list[tuple[str, str]]]:

@@ -73,16 +73,6 @@ def mesh_devices(config) -> int | None:
   return None if -1 in shape else math.prod(shape)
 
 
-def compile_with_options(p, options: dict):
-  """benchmark.compile_prepared, with the row's XLA compile options (its "xla" dict)."""
-  if not options:
-    return benchmark.compile_prepared(p)
-  start = time.perf_counter()
-  p.compiled = p.lowered.compile(compiler_options=options)
-  p.compile_s = time.perf_counter() - start
-  return p
-
-
 def dry_run(plan_name: str, plan: dict):
   """Prints the rows; an XLA option this jaxlib does not know is an error naming it."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -159,7 +149,7 @@ def main(argv):
       log(out, dict(name=name, stage="lower", error=f"{type(e).__name__}: {e}"[:3000]))
   log(out, dict(event="lowered", seconds=time.time() - t0))
   with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:   # XLA compiles in parallel
-    futures = {pool.submit(compile_with_options, p, plan[n].get("xla")): n
+    futures = {pool.submit(benchmark.compile_prepared, p, plan[n].get("xla")): n
                for n, p in prepared.items()}
     for future in concurrent.futures.as_completed(futures):
       name = futures[future]

@@ -83,7 +83,7 @@ def parse(argv: list[str]) -> tuple[Options, ml_collections.ConfigDict]:
   child = flags.DEFINE_bool("child", False, "Internal: a side run by an isolated parent.", **d)
   run_id = flags.DEFINE_string("run_id", "", "Internal: the parent's run id.", **d)
   start = flags.DEFINE_float("start_time", 0, "Internal: when the parent launched this child.", **d)
-  if any(arg in ("-h", "--help", "--helpfull", "-?") for arg in argv[1:]):
+  if any(arg in (*console.HELP_ARGS, "--helpfull") for arg in argv[1:]):
     import tools.convergence  # pylint: disable=g-import-not-at-top
     print(tools.convergence.__doc__, fv.get_help(), sep="\n")
     raise SystemExit(0)
