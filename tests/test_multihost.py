@@ -230,7 +230,9 @@ import numpy as np
 from pretrain import distributed
 assert distributed.initialize(), "not initialised"
 total = multihost_utils.process_allgather(np.int32(jax.process_index() + 1)).sum()
-print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), int(total))
+# One write: an unbuffered print writes each argument apart, and Gloo's own log lines (stderr, the
+# same file) can land between them.
+print(f"RESULT {jax.process_index()} {jax.process_count()} {jax.device_count()} {int(total)}")
 """
 
 
