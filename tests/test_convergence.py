@@ -196,6 +196,27 @@ def test_target_report_names_the_first_evaluation():
       "ours (n, seed 0): did not reach held-out MLM accuracy 0.5000 (best 0.4000)")
 
 
+
+def test_parity_report_compares_seed_spreads():
+  rec = lambda system, name, seed, step, acc: dict(
+      system=system, name=name, seed=seed, run_id="1", kind="eval", step=step, mlm_accuracy=acc,
+      wall_s=float(step))
+  accuracies = {("reference", "fast", 0): [0.20, 0.40, 0.50],
+                ("reference", "fast", 1): [0.22, 0.44, 0.52],
+                ("ours", "fast", 0): [0.21, 0.41, 0.60], ("ours", "fast", 1): [0.23, 0.43, 0.60],
+                ("ours", "plain", 0): [0.30, 0.50]}          # stopped early: steps 100, 200 only
+  records = [rec(*run, step, acc) for run, accs in accuracies.items()
+             for step, acc in zip((100, 200, 300), accs)]
+  assert report.parity_lines(records) == [
+      "step reference fast (2 seeds) | ours fast (2 seeds) | ours plain (1 seeds)",
+      "100 0.2100 [0.2000, 0.2200] | 0.2200 [0.2100, 0.2300] | 0.3000 [0.3000, 0.3000]",
+      "200 0.4200 [0.4000, 0.4400] | 0.4200 [0.4100, 0.4300] | 0.5000 [0.5000, 0.5000]",
+      "reference seeds apart: mean 0.0300, largest 0.0400 (2 steps)",
+      "ours (fast) - reference, seed means: mean +0.0050, sd 0.0050, largest |gap| 0.0100; "
+      "within the reference's seed range at 2 of 2 steps",
+      "ours (plain) - reference, seed means: mean +0.0850, sd 0.0050, largest |gap| 0.0900; "
+      "within the reference's seed range at 0 of 2 steps"]
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -168,6 +168,8 @@ def run(options: Options, config: ml_collections.ConfigDict, argv: list[str]) ->
   records = report.read_records(jsonl)
   if options.schedule.target:
     print("\n".join(report.target_lines(records, options.schedule.target)), flush=True)
+  if any(len(seeds) > 1 for seeds in report.eval_curves(records).values()):
+    print("\n".join(report.parity_lines(records)), flush=True)
   if options.plot:
     png = os.path.join(options.workdir, "convergence.png")
     report.plot(records, png, options.schedule.target)

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import json
 from typing import Any
 
+import numpy as np
+
 Run = tuple[str, str, int]      # (system, name, seed)
 
 
@@ -61,6 +63,52 @@ def target_lines(records: Iterable[dict[str, Any]], target: float) -> list[str]:
                    f"{ref['wall_s'] / hit['wall_s']:.2f}x sooner "
                    f"({hit['wall_s']:.1f} s vs {ref['wall_s']:.1f} s; steps {hit['step']} vs "
                    f"{ref['step']})")
+  return lines
+
+
+def eval_curves(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict]]:
+  """{(system, name): {seed: {step: held-out MLM accuracy}}}, latest run of each."""
+  curves: dict[tuple[str, str], dict[int, dict]] = {}
+  for (system, name, seed), run in latest_runs(records).items():
+    curves.setdefault((system, name), {})[seed] = {
+        r["step"]: r["mlm_accuracy"] for r in run if r["kind"] == "eval"}
+  return curves
+
+
+def parity_lines(records: Iterable[dict[str, Any]], every: int = 1) -> list[str]:
+  """Learning per step across seeds. At the steps every run evaluated (each `every`-th of them
+  printed), each (system, name)'s held-out MLM accuracy over its seeds, mean [min, max]; then,
+  for each of ours against the reference, the gap between their seed means next to the gap
+  between the reference's own seeds, and at how many steps ours lies within the reference's
+  seed range."""
+  curves = eval_curves(records)
+  runs = [steps for seeds in curves.values() for steps in seeds.values()]
+  if not runs:
+    return []
+  common = sorted(set.intersection(*(set(r) for r in runs)))
+  groups = sorted(curves, key=lambda g: (g[0] != "reference", g))
+  stats = {g: {s: np.array([curves[g][seed][s] for seed in sorted(curves[g])]) for s in common}
+           for g in groups}
+  header = "step " + " | ".join(f"{system} {name} ({len(curves[(system, name)])} seeds)"
+                                for system, name in groups)
+  lines = [header] + [
+      f"{s} " + " | ".join(f"{stats[g][s].mean():.4f} [{stats[g][s].min():.4f}, "
+                           f"{stats[g][s].max():.4f}]" for g in groups)
+      for s in common[every - 1::every]]
+  reference = [g for g in groups if g[0] == "reference"]
+  if not reference or not common:
+    return lines
+  ref = stats[reference[0]]
+  seed_gap = np.array([ref[s].max() - ref[s].min() for s in common])
+  lines.append(f"reference seeds apart: mean {seed_gap.mean():.4f}, largest {seed_gap.max():.4f} "
+               f"({len(common)} steps)")
+  for g in groups:
+    if g[0] == "ours":
+      gap = np.array([stats[g][s].mean() - ref[s].mean() for s in common])
+      inside = sum(ref[s].min() <= stats[g][s].mean() <= ref[s].max() for s in common)
+      lines.append(f"ours ({g[1]}) - reference, seed means: mean {gap.mean():+.4f}, sd "
+                   f"{gap.std():.4f}, largest |gap| {np.abs(gap).max():.4f}; within the "
+                   f"reference's seed range at {inside} of {len(common)} steps")
   return lines
 
 
