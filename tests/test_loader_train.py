@@ -144,7 +144,8 @@ def test_held_out_batches_are_read_once_and_scored_the_same():
   assert train.evaluate(eval_step, state.params, [], mesh) == {}
 
 
-def test_training_loop_opens_the_eval_stream_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every, evals_at", [(2, [2, 4]), (0, [4])])   # 0: only at the end
+def test_training_loop_opens_the_eval_stream_once(every, evals_at, tmp_path, monkeypatch):
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
   opened = []
@@ -155,10 +156,10 @@ def test_training_loop_opens_the_eval_stream_once(tmp_path, monkeypatch):
     return make_source(config, split=split)
 
   monkeypatch.setattr(loader, "make_source", counting)
-  config = tiny_config(**{"train.num_train_steps": 4, "train.eval_every_steps": 2,
+  config = tiny_config(**{"train.num_train_steps": 4, "train.eval_every_steps": every,
                           "ckpt.save_interval_steps": 100})
   train.run(config, str(tmp_path))
   assert opened.count("eval") == 1
   evals = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")
            if any(k.startswith("eval/") for k in json.loads(line))]
-  assert evals == [2, 4]
+  assert evals == evals_at
