@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import orbax.checkpoint as ocp
 
+from pretrain import checkpoint_integrity as integrity
 from pretrain.data.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 from pretrain.model.config import ARCHITECTURE_KEYS
 
@@ -136,8 +137,14 @@ def check_shapes(pretrained: Pretrained, abstract_encoder: Any):
 
 def restore_encoder(pretrained: Pretrained, abstract_encoder: Any) -> Any:
   """The `params/bert` subtree of the checkpoint, placed as `abstract_encoder`'s leaves say
-  (ShapeDtypeStructs with shardings); pass a subtree without the pooler to leave it out."""
+  (ShapeDtypeStructs with shardings); pass a subtree without the pooler to leave it out. A step
+  saved with checksums is checked against them first: a damaged file is named, not restored."""
   check_shapes(pretrained, abstract_encoder)
+  step_dir = os.path.dirname(pretrained.state_path)
+  damage = integrity.verify(step_dir)
+  if damage:
+    raise ValueError(f"checkpoint {step_dir} is damaged: {damage}; copy it again or fine-tune "
+                     "another step (--config.init_step)")
   target = {"params": {"bert": abstract_encoder}}
   restored = ocp.PyTreeCheckpointer().restore(
       pretrained.state_path,

@@ -3,6 +3,7 @@ GLUE-layout and SQuAD-layout tasks on real data, several seeds, feature extracti
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -112,6 +113,20 @@ def test_mismatched_shapes_are_refused_by_name(pretrained, tmp_path):
   with pytest.raises(ValueError, match=r"bert/layers/0/intermediate/kernel: checkpoint \(32, 64\), "
                                        r"config \(32, 128\)"):
     pretrained_lib.restore_encoder(pre, setup.abstract_state.params["bert"])
+
+
+def test_damaged_checkpoint_is_named_not_restored(pretrained, tmp_path):
+  _, workdir = pretrained
+  copy = shutil.copytree(workdir, tmp_path / "run")
+  data = max((p for p in (copy / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  data.write_bytes(bytes(raw))
+  config = _finetune_config(str(copy))
+  with pytest.raises(ValueError, match=r"checkpoint .*/run/checkpoints/4 is damaged: "
+                                       r"state/.* does not match the SHA-256"):
+    ft_train.run(config, str(tmp_path / "ft"))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
