@@ -17,6 +17,8 @@ import fsspec
 import jax
 import ml_collections
 
+from pretrain import checkpoint_integrity as integrity
+
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps saved under WORKDIR/checkpoints (finished saves only), without opening them."""
@@ -29,10 +31,14 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def finished_line(workdir: str, config: ml_collections.ConfigDict) -> str | None:
-  """One line if the workdir already holds a checkpoint at (or past) train.num_train_steps."""
+  """One line if the workdir already holds an intact checkpoint at (or past)
+  train.num_train_steps. A damaged one does not count: the run falls back to the step before it
+  and trains to the end again."""
   steps = checkpoint_steps(workdir)
   target = config.train.num_train_steps
   if not steps or steps[-1] < target:
+    return None
+  if integrity.verify(os.path.join(workdir, "checkpoints", str(steps[-1]))):
     return None
   return (f"{workdir} already finished: its checkpoint is at step {steps[-1]} and "
           f"train.num_train_steps={target}; nothing to do (raise train.num_train_steps to train "

@@ -29,6 +29,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -39,6 +40,7 @@ from pretrain import checkpoint_integrity
 from pretrain import guard as guard_lib
 from pretrain import sharding
 from pretrain import step as step_lib
+from pretrain import summary
 from pretrain import train
 from pretrain import workdir_lock
 from pretrain.checkpoint import CheckpointError, Checkpointer, all_finite
@@ -197,6 +199,19 @@ def test_non_finite_values_in_a_checkpoint_count_as_damage(tmp_path):
   state, _, step = ckpt.restore_latest(_abstract(_tree(1)))
   assert step == 1 and all_finite(state)
   ckpt.close()
+
+
+def test_finished_means_an_intact_final_checkpoint(tmp_path):
+  """A rerun whose final checkpoint is damaged is not 'already finished': it trains on (from the
+  step before it, test_reliability_state.py's fallback) instead of keeping damaged weights."""
+  step_dir = tmp_path / "checkpoints" / "6"
+  (step_dir / "state").mkdir(parents=True)
+  (step_dir / "state" / "data").write_bytes(b"weights")
+  checkpoint_integrity.write_checksums(str(step_dir))
+  config = ml_collections.ConfigDict({"train": {"num_train_steps": 6}})
+  assert summary.finished_line(str(tmp_path), config).startswith(f"{tmp_path} already finished")
+  (step_dir / "state" / "data").write_bytes(b"wrights")
+  assert summary.finished_line(str(tmp_path), config) is None
 
 
 def test_no_intact_checkpoint_is_one_error(tmp_path):
