@@ -1,6 +1,6 @@
-"""The shard loader: host parts, epochs, static and dynamic masks, exact resumption (also through
-the Prefetcher), and a throughput smoke run. The train loop over shards (a restart, held-out
-batches) is in test_loader_train.py.
+"""The shard loader: host parts, epochs, the block order (data.read_block_records), static and
+dynamic masks, exact resumption (also through the Prefetcher), and a throughput smoke run. The
+train loop over shards (a restart, held-out batches) is in test_loader_train.py.
 
 Shards come from `create_data.create` on a few chapters of the demo corpus with a small
 SentencePiece model (trained once per session), or are written by hand where a test needs a chosen
@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from pretrain import console
 from pretrain import sharding
 from pretrain.data import create as create_data
 from pretrain.data import loader
@@ -21,16 +22,18 @@ from pretrain.data import masking
 from pretrain.data import shards
 from pretrain.data.create import CreateSpec
 
-from helpers import demo_tokenizer, read_split, write_slice
+from helpers import demo_tokenizer, read_split, tiny_config, write_slice
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "moby_dick.jsonl.gz"
 
 
-def source(directory, *, batch=16, seed=0, index=0, count=1, spec=None, seq=64, pred=10):
+def source(directory, *, batch=16, seed=0, index=0, count=1, spec=None, seq=64, pred=10,
+           **kwargs):
   return loader.ShardSource(str(directory), split="train", global_batch_size=batch, seed=seed,
-                               max_seq_length=seq, max_predictions_per_seq=pred,
-                               dynamic_masking=spec, process_index=index, process_count=count)
+                            max_seq_length=seq, max_predictions_per_seq=pred,
+                            dynamic_masking=spec, process_index=index, process_count=count,
+                            **kwargs)
 
 
 def epoch_indices(src, epoch):
@@ -170,6 +173,67 @@ def test_epochs_reshuffle_and_cover_the_part_once(demo_shards, count):
   np.testing.assert_array_equal(epoch_indices(again, 0), orders[0])
 
 
+# ================================================================================================
+# The block order (data.read_block_records)
+
+def test_blocks_of_one_record_keep_the_full_permutation(tmp_path):
+  """read_block_records=1, the default, is the order runs and their checkpoints were made with."""
+  directory = fake_shards(tmp_path / "data", 101)
+  for host in (0, 1):
+    default = source(directory, batch=16, seed=5, index=host, count=2, seq=16, pred=3)
+    ones = source(directory, batch=16, seed=5, index=host, count=2, seq=16, pred=3,
+                  read_block_records=1, shuffle_window_records=8)
+    lo, hi = default.part
+    for epoch in (0, 1):
+      expected = lo + np.random.default_rng([5, epoch, host]).permutation(hi - lo)
+      for src in (default, ones):
+        np.testing.assert_array_equal(src.epoch_order(epoch), expected)
+        np.testing.assert_array_equal(epoch_indices(src, epoch),
+                                      expected[:src.batches_per_epoch * 8])
+
+
+def test_block_order_is_a_permutation_of_runs_of_neighbours(tmp_path):
+  """K > 1: each epoch a permutation of the host's part whose windows (whole batches) hold whole
+  runs of K neighbours, shuffled; new every epoch, a function of (seed, epoch, host) alone."""
+  directory = fake_shards(tmp_path / "data", 203, shard_sizes=(70, 60))
+  make = lambda host: source(directory, batch=16, index=host, count=2, seq=16, pred=3,  # noqa: E731
+                             read_block_records=4, shuffle_window_records=44)
+  for host in (0, 1):
+    src = make(host)
+    assert src.window_batches == 5                     # 44 records -> 5 whole batches of 8
+    assert src.batches_per_epoch == 12                 # windows of 5, 5 and 2 batches
+    lo, hi = src.part
+    orders = [src.epoch_order(epoch).copy() for epoch in range(3)]
+    for order in orders:
+      np.testing.assert_array_equal(np.sort(order), np.arange(lo, hi))
+      for start in range(0, len(order), 40):
+        window = np.sort(order[start:start + 40])
+        runs = 1 + np.count_nonzero(np.diff(window) > 1)
+        assert runs <= 40 // 4 + 2, (host, start, window)   # + the two blocks cut by its edges
+      assert np.mean(np.diff(order) == 1) < 0.5          # neighbours shuffled apart
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[1], orders[2])
+    np.testing.assert_array_equal(make(host).epoch_order(1), orders[1])
+    for epoch in (0, 1):
+      np.testing.assert_array_equal(epoch_indices(src, epoch),
+                                    orders[epoch][:src.batches_per_epoch * 8])
+    for b in range(src.batches_per_epoch + 2):            # what the batches hold, into epoch 1
+      epoch, row = divmod(b, src.batches_per_epoch)
+      np.testing.assert_array_equal(next(src)["input_ids"][:, 1], 10 + src.indices(epoch, row))
+
+
+@pytest.mark.parametrize("key,value", [("read_block_records", 0),
+                                       ("shuffle_window_records", -1)])
+def test_block_settings_below_one_are_one_line_errors(demo_shards, spm, capsys, key, value):
+  config = tiny_config(**{"data.source": "shards", "data.path": str(demo_shards["static"]),
+                          "model.vocab_size": spm.vocab_size, "data.max_seq_length": 64,
+                          "data.max_predictions_per_seq": 10, f"data.{key}": value})
+  status = console.run_command(lambda: loader.make_source(config, split="train"), verbose=False)
+  assert status == console.EXIT_USER_ERROR
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: data.{key}={value} must be at least 1"]
+
+
 def test_static_batches_are_the_stored_records(demo_shards):
   records = read_split(demo_shards["static"])
   src = source(demo_shards["static"], batch=16)
@@ -247,12 +311,14 @@ def test_dynamic_whole_word_masks_in_the_loader(demo_shards, spm):
 # ================================================================================================
 # Resumption
 
+@pytest.mark.parametrize("order", [{}, {"read_block_records": 4, "shuffle_window_records": 48}],
+                         ids=["records", "blocks"])
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("host", [(0, 1), (1, 2)])
-def test_resume_gives_the_same_stream(demo_shards, dynamic_spec, mode, host):
+def test_resume_gives_the_same_stream(demo_shards, dynamic_spec, mode, host, order):
   index, count = host
   make = lambda: source(demo_shards[mode], batch=16 * count, index=index, count=count,  # noqa: E731
-                        spec=dynamic_spec if mode == "dynamic" else None)
+                        spec=dynamic_spec if mode == "dynamic" else None, **order)
   straight = make()
   bpe = straight.batches_per_epoch
   for n in (bpe // 2 + 1, bpe):       # the second half crosses an epoch; or starts on one

@@ -119,30 +119,63 @@ class Prefetcher(Iterator):
       self._source.close()      # only once the thread has stopped: never under a read in flight
 
 
+def block_permutation(n: int, block: int, rng: np.random.Generator) -> np.ndarray:
+  """A permutation of range(n) made of whole blocks [k*block, (k+1)*block) (the last one may be
+  short) in random order; `block` = 1 gives `rng.permutation(n)` itself."""
+  starts = rng.permutation(-(-n // block)) * block
+  lengths = np.minimum(block, n - starts)
+  out_starts = np.cumsum(lengths) - lengths                # where each block lands in the output
+  return np.repeat(starts - out_starts, lengths) + np.arange(n)
+
+
+def shuffle_windows(order: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
+  """`order` with the entries of each `window` consecutive positions (the last may be short)
+  shuffled among themselves."""
+  full = len(order) - len(order) % window
+  return np.concatenate([rng.permuted(order[:full].reshape(-1, window), axis=1).ravel(),
+                         rng.permutation(order[full:])])
+
+
 class ShardSource:
   """Host-local batches from tokenized shards (see `pretrain.data.shards`), local or at a gs:// URL.
 
   The data set's N instances are cut into `process_count` contiguous, disjoint parts that cover it
   (sizes differ by at most one); this host reads only its part, reshuffles it every epoch with a
-  seed of (seed, epoch, host), and serves (N // process_count) // local_batch batches per epoch, so
-  every host takes the same number of steps. In dynamic mode each batch gets fresh masks. The
-  position (epoch, batch) is the state a checkpoint records.
+  seed of (seed, epoch, host) (`epoch_order`), and serves (N // process_count) // local_batch
+  batches per epoch, so every host takes the same number of steps. In dynamic mode each batch gets
+  fresh masks. The position (epoch, batch) is the state a checkpoint records.
 
-  Local shards are memory-mapped and read when a batch is asked for. Remote shards are read by
-  byte ranges, only this host's records (`records`, a `shards.Records`); since the order is known
-  in advance, the next `read_ahead` batches (default: REMOTE_READ_AHEAD for remote shards, none for
-  local ones) are read and masked on `read_threads` threads while earlier ones train. Read-ahead
-  changes nothing but timing: batch k is the same records and masks either way, and `set_state`
-  drops what was read ahead.
+  The order (`epoch_order`): with `read_block_records` K = 1 (the default) a random permutation of
+  the part. With K > 1 the part's blocks of K neighbouring records (the last may be short) in a
+  random order, then the records of each window of `window_batches` whole batches
+  (`shuffle_window_records` rounded down to whole batches, at least one) shuffled among
+  themselves: a window holds about shuffle_window_records / K blocks from all over the part. The
+  shards keep a document's instances next to each other, so K trades range requests (a window
+  costs about one per block) against how often neighbours from one document share a batch.
+
+  Records are read a window at a time (with K = 1 a window is one batch): memory-mapped for local
+  shards, by byte ranges for remote ones (`records`, a `shards.Records`), only this host's records.
+  Since the order is known in advance, the windows that hold the next `read_ahead` batches
+  (default: REMOTE_READ_AHEAD for remote shards, none for local ones; whole windows, so with K > 1
+  and the default window the next one) are read on `read_threads` threads while earlier batches
+  train. Neither the storage nor the read-ahead changes what a batch holds: batch k is the same
+  records and masks either way, and `set_state` drops what was read ahead.
   """
 
   REMOTE_READ_AHEAD = 16
+  SHUFFLE_WINDOW_RECORDS = 65_536
 
   def __init__(self, directory: str, *, split: str, global_batch_size: int, seed: int,
                max_seq_length: int, max_predictions_per_seq: int,
                dynamic_masking: masking.MaskingSpec | None = None,
                process_index: int = 0, process_count: int = 1, verify: bool = True,
+               read_block_records: int = 1,
+               shuffle_window_records: int = SHUFFLE_WINDOW_RECORDS,
                read_ahead: int | None = None, read_threads: int = 4):
+    for key, value in (("read_block_records", read_block_records),
+                       ("shuffle_window_records", shuffle_window_records)):
+      if value < 1:
+        raise ValueError(f"data.{key}={value} must be at least 1")
     manifest = shards.read_manifest(directory)
     creation = manifest["creation"]
     if creation["max_seq_length"] != max_seq_length:
@@ -173,6 +206,11 @@ class ShardSource:
     self.seed, self.process_index = seed, process_index
     self.max_predictions = max_predictions_per_seq
     self.masking = dynamic_masking
+    self.read_block_records = read_block_records
+    # Windows are whole batches, so a batch is read with its window; records one by one need no
+    # mixing, and are read batch by batch.
+    self.window_batches = (1 if read_block_records == 1
+                           else max(1, shuffle_window_records // self.local_batch))
     self._epoch, self._batch = 0, 0
     self._order = None
     if read_ahead is None:
@@ -180,59 +218,87 @@ class ShardSource:
     self.read_ahead = read_ahead
     self._pool = (concurrent.futures.ThreadPoolExecutor(read_threads, "shard-read")
                   if read_ahead else None)
-    self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
+    # (epoch, window) -> its records, read or being read: the current window and those ahead.
+    self._windows: dict[tuple[int, int], concurrent.futures.Future] = {}
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "batch": self._batch}
 
   def set_state(self, state: dict[str, Any]):
     self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
-    self._drop_pending()
+    self._drop_windows()
 
   def __iter__(self):
     return self
 
-  def indices(self, epoch: int, batch: int) -> np.ndarray:
-    """Global instance indices of this host's batch `batch` of `epoch`."""
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Global instance indices of this host's part in the order of `epoch` (a permutation of the
+    part; the first batches_per_epoch * local_batch of them are served)."""
     if self._order is None or self._order[0] != epoch:
       rng = np.random.default_rng([self.seed, epoch, self.process_index])
-      self._order = (epoch, self.part[0] + rng.permutation(self.part[1] - self.part[0]))
-    return self._order[1][batch * self.local_batch:(batch + 1) * self.local_batch]
+      order = block_permutation(self.part[1] - self.part[0], self.read_block_records, rng)
+      if self.read_block_records > 1:           # (blocks of one: the order of earlier runs)
+        order = shuffle_windows(order, self.window_batches * self.local_batch, rng)
+      self._order = (epoch, self.part[0] + order)
+    return self._order[1]
+
+  def indices(self, epoch: int, batch: int) -> np.ndarray:
+    """Global instance indices of this host's batch `batch` of `epoch`."""
+    return self.epoch_order(epoch)[batch * self.local_batch:(batch + 1) * self.local_batch]
 
   def __next__(self) -> dict[str, np.ndarray]:
-    position = (self._epoch, self._batch)
-    if self._pool is None:
-      batch = self._load(self.indices(*position), *position)
-    else:
-      for ahead in self._upcoming(self.read_ahead + 1):
-        if ahead not in self._pending:
-          self._pending[ahead] = self._pool.submit(self._load, self.indices(*ahead), *ahead)
-      batch = self._pending.pop(position).result()
+    epoch, batch = self._epoch, self._batch
+    row = batch % self.window_batches * self.local_batch
+    records = self._current_window()[row:row + self.local_batch]
     self._batch += 1
     if self._batch == self.batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
-    return batch
+    return self._to_batch(records, epoch, batch)
 
-  def _upcoming(self, count: int):
-    """The next `count` positions (epoch, batch), starting at the current one."""
-    epoch, batch = self._epoch, self._batch
+  def _current_window(self) -> np.ndarray:
+    """The records of the window holding the current batch. Starts reading the windows that hold
+    the next `read_ahead` batches (whole windows: with read-ahead, at least the next one), and
+    forgets those behind."""
+    ahead = -(-self.read_ahead // self.window_batches)
+    wanted = list(self._upcoming_windows(1 + ahead))
+    for key in set(self._windows) - set(wanted):
+      self._windows.pop(key).cancel()
+    for key in wanted:
+      if key not in self._windows:
+        self._windows[key] = self._submit(self.records.read, self._window_indices(*key))
+    return self._windows[wanted[0]].result()
+
+  def _upcoming_windows(self, count: int):
+    """The next `count` windows (epoch, window), starting at the current one."""
+    epoch, window = self._epoch, self._batch // self.window_batches
     for _ in range(count):
-      yield epoch, batch
-      batch += 1
-      if batch == self.batches_per_epoch:
-        epoch, batch = epoch + 1, 0
+      yield epoch, window
+      window += 1
+      if window * self.window_batches >= self.batches_per_epoch:
+        epoch, window = epoch + 1, 0
 
-  def _load(self, index: np.ndarray, epoch: int, batch: int) -> dict[str, np.ndarray]:
-    return self._to_batch(self.records.read(index), epoch, batch)
+  def _window_indices(self, epoch: int, window: int) -> np.ndarray:
+    """Global instance indices of the batches of `window` of `epoch`, in order."""
+    first = window * self.window_batches
+    last = min(first + self.window_batches, self.batches_per_epoch)
+    return self.epoch_order(epoch)[first * self.local_batch:last * self.local_batch]
 
-  def _drop_pending(self):
-    for future in self._pending.values():
+  def _submit(self, fn, *args) -> concurrent.futures.Future:
+    """`fn(*args)` on the read-ahead threads, or done here and now without them."""
+    if self._pool is not None:
+      return self._pool.submit(fn, *args)
+    future = concurrent.futures.Future()
+    future.set_result(fn(*args))
+    return future
+
+  def _drop_windows(self):
+    for future in self._windows.values():
       future.cancel()
-    self._pending.clear()
+    self._windows.clear()
 
   def close(self):
     """Stops the read-ahead: reads not started are dropped, those in flight waited for."""
-    self._drop_pending()
+    self._drop_windows()
     if self._pool is not None:
       self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -282,7 +348,8 @@ def make_source(config: ml_collections.ConfigDict, *, split: str) -> Source | No
   return ShardSource(
       data.path, split=split, max_seq_length=data.max_seq_length,
       max_predictions_per_seq=data.max_predictions_per_seq, dynamic_masking=spec,
-      verify=data.verify_checksums, **common)
+      verify=data.verify_checksums, read_block_records=data.read_block_records,
+      shuffle_window_records=data.shuffle_window_records, **common)
 
 
 def tokenizer_of_shards(directory: str, manifest: dict[str, Any]):

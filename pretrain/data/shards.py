@@ -24,6 +24,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 from typing import Any
 
 from absl import logging
@@ -208,13 +209,16 @@ class MappedRecords(Records):
 class RangedRecords(Records):
   """Shards at an fsspec URL, read with HTTP range requests: only the records asked for, one
   request per run of records that lie at most `max_gap_records` apart, all of a call's requests
-  in flight together (fsspec's `cat_ranges`; gcsfs runs them on its event loop). Thread-safe."""
+  in flight together (fsspec's `cat_ranges`; gcsfs runs them on its event loop). Thread-safe;
+  `requests` and `records_read` count the range requests made and the records they returned."""
 
   def __init__(self, fs, paths: list[str], counts: list[int], data_offsets: list[int],
                dtype: np.dtype, max_gap_records: int = 8):
     super().__init__(counts, dtype)
     self._fs, self._paths, self._offsets = fs, paths, np.asarray(data_offsets, np.int64)
     self.max_gap_records = max_gap_records
+    self.requests = self.records_read = 0
+    self._count_lock = threading.Lock()
 
   def _read_sorted(self, shard, row):
     size = self.dtype.itemsize
@@ -225,6 +229,9 @@ class RangedRecords(Records):
     first, last, where = row[starts], row[stops - 1], shard[starts]
     begin = self._offsets[where] + first * size
     end = self._offsets[where] + (last + 1) * size
+    with self._count_lock:
+      self.requests += len(where)
+      self.records_read += len(row)
     blobs = self._fs.cat_ranges([self._paths[s] for s in where], begin.tolist(), end.tolist(),
                                 on_error="raise")
     parts = []

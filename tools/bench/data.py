@@ -1,7 +1,8 @@
 """Data-pipeline throughput per CPU core: text -> instances, the tokenizer floor, and the loader.
 
   python -m tools.bench.data --input='../shared/data/corpus/*.gz' --tokenizer=path/to/vocab.txt
-  python -m tools.bench.data --shards=DIR --storage [--bucket=gs://BUCKET/DIR]
+  python -m tools.bench.data --shards=DIR --storage [--read_block_records 1 16]
+      [--shuffle_window_records=N] [--bucket=gs://BUCKET/DIR]
 
 1. `create`: text -> tokenized, masked instances in shards (static mode, dupe_factor 1) with one
    worker process; tokens per CPU-second (this process + the worker).
@@ -9,13 +10,15 @@
    no Python pipeline around it can beat.
 3. The loader: `ShardSource` batches at seq 128 with dynamic masking, in this one process.
 4. With --storage: the loader on the same shards from local disk (memory-mapped) and from object
-   storage (range requests with read-ahead), in sequences per second of wall time, and their ratio.
-   The shards are uploaded to a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py), or to
-   --bucket (a real gs:// prefix; removed afterwards). Remote reads are timed twice: as the loader
-   runs (records of a batch at most 8 apart share a request), and with max_gap_records=0 (only
-   adjacent ones do), close to the one request per record that a corpus much larger than a batch
-   gives. --shards=DIR skips 1-3 and uses DIR's shards
-   (seq 128 or any other length).
+   storage (range requests with read-ahead), in sequences per second of wall time over
+   --loader_batches batches after the first, and their ratio, for each --read_block_records
+   (`data.read_block_records`: 1 draws records one by one, about one range request per sequence;
+   K > 1 reads runs of K neighbours, about 1/K; the range requests per record are counted).
+   A shuffle window that holds much of the data set (the default 65,536 records, on a small
+   corpus) also joins neighbouring blocks into one request: --shuffle_window_records well below
+   the data set's size shows what a large corpus costs. The shards are uploaded to a GCS emulator
+   on 127.0.0.1 (tools/gcs_emulator.py), or to --bucket (a real gs:// prefix; removed afterwards).
+   --shards=DIR skips 1-3 and uses DIR's shards (seq 128 or any other length).
 """
 
 from __future__ import annotations
@@ -52,9 +55,14 @@ def main(argv=None) -> int:
   parser.add_argument("--storage", action="store_true",
                       help="local disk vs object storage (see 4. above)")
   parser.add_argument("--bucket", help="a gs:// prefix to upload to instead of the emulator")
+  parser.add_argument("--read_block_records", type=int, nargs="+", default=[1],
+                      help="the values of data.read_block_records to time (see 4. above)")
+  parser.add_argument("--shuffle_window_records", type=int,
+                      help="data.shuffle_window_records (default: its default; see 4. above)")
   args = parser.parse_args(argv)
   if args.shards:
-    _print_rows(storage_rows(args.shards, args.batch_size, args.loader_batches, args.bucket))
+    _print_rows(storage_rows(args.shards, args.batch_size, args.loader_batches, args.bucket,
+                             args.read_block_records, args.shuffle_window_records))
     return 0
   if not (args.input and args.tokenizer):
     parser.error("--input and --tokenizer are required (or --shards=DIR --storage)")
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
     for _ in range(args.loader_batches):
       next(source)
     loader_cpu, loader_wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
-    storage_table = (storage_rows(dynamic, args.batch_size, args.loader_batches, args.bucket)
+    storage_table = (storage_rows(dynamic, args.batch_size, args.loader_batches, args.bucket,
+                                  args.read_block_records, args.shuffle_window_records)
                      if args.storage else [])
   finally:
     shutil.rmtree(out, ignore_errors=True)
@@ -147,9 +156,11 @@ def _seq_per_s(source, batches: int) -> float:
   return batches * source.local_batch / seconds
 
 
-def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | None
-                 ) -> list[tuple[str, str]]:
-  """Loader throughput on `directory`'s shards from local disk and from object storage."""
+def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | None,
+                 block_sizes: list[int], window: int | None) -> list[tuple[str, str]]:
+  """Loader throughput on `directory`'s shards from local disk and from object storage, for each
+  data.read_block_records in `block_sizes`, with data.shuffle_window_records = `window` (None:
+  the loader's default)."""
   import fsspec  # pylint: disable=g-import-not-at-top
 
   from pretrain.data import loader, masking, shards  # pylint: disable=g-import-not-at-top
@@ -160,14 +171,17 @@ def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | No
   tokenizer = loader.tokenizer_of_shards(directory, manifest)
   spec = masking.MaskingSpec.for_tokenizer(tokenizer, creation["max_predictions_per_seq"], 0.15,
                                            False)
+  window = window or loader.ShardSource.SHUFFLE_WINDOW_RECORDS
 
-  def source(path, **kwargs):
+  def source(path, block):
     return loader.ShardSource(path, split="train", global_batch_size=batch_size, seed=0,
                               max_seq_length=creation["max_seq_length"],
                               max_predictions_per_seq=creation["max_predictions_per_seq"],
-                              dynamic_masking=spec, **kwargs)
+                              dynamic_masking=spec, read_block_records=block,
+                              shuffle_window_records=window)
 
-  local = _seq_per_s(source(directory), batches)
+  load_before = os.getloadavg()[0]
+  local = {block: _seq_per_s(source(directory, block), batches) for block in block_sizes}
   emulator = None if bucket else Emulator().start()
   try:
     if emulator:
@@ -177,26 +191,29 @@ def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | No
     fs, root = fsspec.core.url_to_fs(url)
     fs.put(directory.rstrip("/") + "/", root, recursive=True)
     try:
-      remote = _seq_per_s(source(url), batches)
-      single = source(url)
-      single.records.max_gap_records = 0
-      per_record = _seq_per_s(single, batches)
+      remote = {}                   # K -> (seq/s, range requests per record read)
+      for block in block_sizes:
+        timed = source(url, block)
+        remote[block] = (_seq_per_s(timed, batches),
+                         timed.records.requests / timed.records.records_read)
     finally:
       fs.rm(root, recursive=True)
   finally:
     if emulator:
       emulator.stop()
   where = bucket or "GCS emulator on 127.0.0.1"
-  shape = (f"seq {creation['max_seq_length']}, batch {batch_size}, "
-           f"{manifest['splits']['train']['num_instances']:,} instances")
-  return [
-      (f"loader, local disk: seq/s ({shape})", f"{local:,.0f}"),
-      (f"loader, {where}: seq/s",
-       f"{remote:,.0f}  (ratio to local {remote / local:.2f}, read-ahead "
-       f"{loader.ShardSource.REMOTE_READ_AHEAD} batches)"),
-      (f"loader, {where}, max_gap_records=0: seq/s",
-       f"{per_record:,.0f}  (ratio to local {per_record / local:.2f})"),
-  ]
+  rows = [("loader: shards", f"seq {creation['max_seq_length']}, batch {batch_size}, "
+                             f"{manifest['splits']['train']['num_instances']:,} instances, "
+                             f"shuffle window {window:,}, {batches} batches timed, read-ahead "
+                             f"{loader.ShardSource.REMOTE_READ_AHEAD} batches from {where}"),
+          ("load average (1 min), before / after", f"{load_before:.2f} / {os.getloadavg()[0]:.2f}")]
+  for block in block_sizes:
+    local_rate, (remote_rate, per_record) = local[block], remote[block]
+    rows += [(f"loader, read_block_records={block}, local disk: seq/s", f"{local_rate:,.0f}"),
+             (f"loader, read_block_records={block}, {where}: seq/s",
+              f"{remote_rate:,.0f}  (ratio to local {remote_rate / local_rate:.2f}, "
+              f"{per_record:.3f} range requests per record)")]
+  return rows
 
 
 if __name__ == "__main__":
