@@ -92,6 +92,27 @@ def test_static_and_dynamic_hold_the_same_pairs(created):
     np.testing.assert_array_equal(static[field], dynamic[field])
 
 
+def test_a_shard_holds_its_instances_shuffled(spm, tmp_path):
+  """As google-research/bert writes them: records side by side come from unrelated documents (so a
+  reader of blocks of neighbours, data.read_block_records, still mixes documents)."""
+  words = ["whale", "ship", "sea", "captain", "boat", "night", "water", "land", "harpoon", "deck",
+           "wind", "man"]
+  text = "\n\n".join("\n".join(" ".join([word] * 6) for _ in range(30)) for word in words)
+  (tmp_path / "docs.txt").write_text(text + "\n")
+  out = tmp_path / "shards"
+  create_data.create([str(tmp_path / "docs.txt")], spm.path, str(out), CreateSpec(
+      max_seq_length=64, max_predictions_per_seq=10, eval_fraction=0.0, input_format="google"),
+                     num_workers=1)
+  records = read_split(out)
+  a_segment = (records["segment_ids"] == 0) & ~np.isin(records["input_ids"],
+                                                      [spm.cls_id, spm.sep_id, spm.pad_id])
+  document = [np.bincount(ids[keep]).argmax()       # segment A's most common piece: its word
+              for ids, keep in zip(records["input_ids"], a_segment)]
+  assert len(set(document)) >= len(words) and len(records) >= 3 * len(words)
+  same_as_next = np.mean([a == b for a, b in zip(document, document[1:])])
+  assert same_as_next < 0.4, f"{same_as_next:.2f} of neighbours share a document: not shuffled"
+
+
 def test_interrupted_creation_resumes_to_the_same_bytes(created, spm, demo_slice, tmp_path):
   reference = dir_bytes(created["static", 2])
   directory = tmp_path / "resumed"

@@ -4,8 +4,9 @@
    flat in `<output>/_work/` (reused by a re-run with the same inputs and tokenizer).
 2. Split: a seeded `eval_fraction` of the documents becomes the held-out split.
 3. Instances: the work is cut into units (split, dupe, block of documents); each unit draws from its
-   own RNG seeded by (seed, split, dupe, block) and writes one shard, so the output is byte-identical
-   for any number of workers, and a re-run skips the shards an interrupted run already finished.
+   own RNG seeded by (seed, split, dupe, block) and writes one shard, its instances shuffled, so the
+   output is byte-identical for any number of workers, and a re-run skips the shards an interrupted
+   run already finished.
 4. Manifest: counts, per-shard checksums, the creation settings and the tokenizer (copied in).
 """
 
@@ -61,6 +62,10 @@ class CreateSpec:
       raise ValueError(f"dupe_factor={self.dupe_factor} must be at least 1")
     if not 0 <= self.eval_fraction < 1:
       raise ValueError(f"eval_fraction={self.eval_fraction} must lie in [0, 1)")
+
+
+# Part of every shard's key: shards written before their instances were shuffled are made again.
+_SHARD_LAYOUT = "instances shuffled"
 
 
 def _digest(value: Any) -> str:
@@ -219,6 +224,10 @@ def _make_unit(unit: dict[str, Any]) -> dict[str, Any]:
   instances = []
   for doc in range(*unit["documents"]):
     instances.extend(instances_lib.create_instances_from_document(corpus, doc, ispec, rng))
+  # As google-research/bert shuffles its instances before writing them: neighbouring records come
+  # from unrelated documents, so a reader of blocks of neighbours (data.read_block_records) still
+  # gets well-mixed batches.
+  rng.shuffle(instances)
   packed = instances_lib.pack(instances, ispec, tokenizer.pad_id)
   static = spec.mode == "static"
   dtype = shards.record_dtype(spec.max_seq_length, spec.max_predictions_per_seq,
@@ -287,7 +296,7 @@ def create(inputs: list[str], tokenizer_path: str, output_dir: str, spec: Create
                 "path": os.path.join(output_dir, f"{name}-{dupe:02d}-{block:05d}.npy")}
         # What the shard depends on: a re-run reuses it only if all of this is unchanged.
         unit["key"] = _digest([dataclasses.asdict(spec), tokenizer.sha256, tokenizer.lowercase,
-                               corpus_key, name, dupe, block, docs])
+                               corpus_key, name, dupe, block, docs, _SHARD_LAYOUT])
         units.append(unit)
   ctx = multiprocessing.get_context("spawn")
   with ctx.Pool(num_workers, _init_unit_worker,

@@ -150,8 +150,9 @@ class ShardSource:
   random order, then the records of each window of `window_batches` whole batches
   (`shuffle_window_records` rounded down to whole batches, at least one) shuffled among
   themselves: a window holds about shuffle_window_records / K blocks from all over the part. The
-  shards keep a document's instances next to each other, so K trades range requests (a window
-  costs about one per block) against how often neighbours from one document share a batch.
+  shards' instances are shuffled when written (older shards keep a document's instances next to
+  each other), so K trades range requests (a window costs about one per block) against how often
+  records written side by side share a batch.
 
   Records are read a window at a time (with K = 1 a window is one batch): memory-mapped for local
   shards, by byte ranges for remote ones (`records`, a `shards.Records`), only this host's records.
