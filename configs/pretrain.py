@@ -1,7 +1,8 @@
 """Pretraining configs: `--config=configs/pretrain.py:VARIANT`.
 
-Variants: demo (minutes on a laptop CPU, on the shards `make demo` writes), the small-BERT grid (tiny, mini, small, medium) and the
-original base / large. Every field can be overridden on the command line, e.g.
+Variants: demo (minutes on a laptop CPU, on the shards `make demo` writes), the small-BERT grid
+(tiny, mini, small, medium), the original base / large, and budget (the 10-minute pretraining
+recipe of docs/finetuning.md). Every field can be overridden on the command line, e.g.
 `--config.train.global_batch_size=512 --config.mesh.shape="(1,-1,1)"`; an unknown key is an error.
 """
 
@@ -16,6 +17,7 @@ _SIZES = {
     "medium": (8, 512, 8),
     "base": (12, 768, 12),
     "large": (24, 1024, 16),
+    "budget": (8, 512, 8),     # medium's shape, trained by the 10-minute recipe below
 }
 
 
@@ -111,9 +113,19 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       shape=(-1, 1, 1),              # (data, fsdp, tensor); one entry may be -1 = the rest
   ))
 
-  if variant in ("demo", "tiny", "mini", "small", "medium"):
+  if variant in ("demo", "tiny", "mini", "small", "medium", "budget"):
     config.optim.warmup_steps = 1_000
     config.optim.peak_learning_rate = 5e-4
+  if variant == "budget":
+    # The shared corpus into a transferable encoder in at most 10 minutes on one H100, shard
+    # creation included (docs/finetuning.md): no dropout (as the cramming recipe), whole-word
+    # masking, one linear warmup-decay cycle ending at the last step.
+    config.model.hidden_dropout = 0.0
+    config.model.attention_dropout = 0.0
+    config.data.whole_word_mask = True
+    config.train.num_train_steps = 20_000
+    config.train.eval_every_steps = 0
+    config.ckpt.save_interval_steps = 20_000
   if variant == "large":
     config.optim.name = "lamb"
     config.optim.peak_learning_rate = 1e-3

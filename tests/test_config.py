@@ -30,6 +30,7 @@ SIZES = {  # variant: (layers, hidden, heads)
     "medium": (8, 512, 8),
     "base": (12, 768, 12),
     "large": (24, 1024, 16),
+    "budget": (8, 512, 8),
 }
 
 
@@ -57,6 +58,9 @@ def test_variant_specifics():
   assert demo.train.num_train_steps == 300
   assert demo.model.vocab_size == 8192
   assert pretrain_configs.get_config("base").model.vocab_size == 30522
+  budget = pretrain_configs.get_config("budget")
+  assert (budget.model.hidden_dropout, budget.model.attention_dropout) == (0.0, 0.0)
+  assert budget.data.whole_word_mask and budget.train.eval_every_steps == 0
 
 
 def test_default_variant_is_demo():
