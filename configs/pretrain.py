@@ -70,7 +70,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
       verify_checksums=True,         # SHA-256 of every shard when the loader opens it
       eval_seed=1_000_003,           # the held-out stream draws from its own seed
       read_block_records=1,          # 1: records in a random order every epoch; K > 1: blocks of
-                                     # K neighbours, ~1/K range requests a record (docs/storage.md)
+                                     # K neighbours, ~1/K range requests a record; training only:
+                                     # held-out batches are read one by one (docs/storage.md)
       shuffle_window_records=65_536,  # read_block_records > 1: records shuffled together (whole
                                       # batches; up to two windows in memory per host)
   ))

@@ -140,12 +140,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   try:
     source = loader.make_source(config, split="train")
     restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+      source.set_state(restored[1])
   except BaseException:
     ckpt.close()
     raise
   if restored is not None:
-    state, data_state, _ = restored
-    source.set_state(data_state)
+    state, _, _ = restored
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
     state = setup.init(config.seed)

@@ -328,13 +328,62 @@ def test_resume_gives_the_same_stream(demo_shards, dynamic_spec, mode, host, ord
     for _ in range(n):
       next(first)
     state = json.loads(json.dumps(first.get_state()))      # as a checkpoint stores it
-    assert state == {"epoch": n // bpe, "batch": n % bpe}
+    # Blocks: the position also names the order it counts in (a window of 48 records is 3 batches
+    # of 16); records one by one keep the state runs have always saved.
+    read_order = {} if not order else {"read_block_records": 4, "shuffle_window_records": 48}
+    assert state == {"epoch": n // bpe, "batch": n % bpe, **read_order}
     resumed = make()
     resumed.set_state(state)
     for k in range(n):
       assert_batches_equal(next(resumed), expected[n + k], f"batch {n + k}")
     assert resumed.get_state() == straight.get_state() == {"epoch": 2 * n // bpe,
-                                                          "batch": 2 * n % bpe}
+                                                          "batch": 2 * n % bpe, **read_order}
+
+
+@pytest.mark.parametrize("saved,now,message", [
+    ({}, {"read_block_records": 16},
+     "it was saved with data.read_block_records=1 but this run has data.read_block_records=16, "
+     "data.shuffle_window_records=64"),
+    ({"read_block_records": 4, "shuffle_window_records": 64}, {},
+     "it was saved with data.read_block_records=4, data.shuffle_window_records=64 but this run "
+     "has data.read_block_records=1"),
+    ({"read_block_records": 4, "shuffle_window_records": 64},
+     {"read_block_records": 4, "shuffle_window_records": 32},
+     "it was saved with data.read_block_records=4, data.shuffle_window_records=64 but this run "
+     "has data.read_block_records=4, data.shuffle_window_records=32"),
+], ids=["records-then-blocks", "blocks-then-records", "another-window"])
+def test_resume_in_another_read_order_is_refused(demo_shards, saved, now, message):
+  """A position counts batches of one order: resumed under another, it would name other records,
+  silently. The checkpoint's state says which order it was counted in."""
+  make = lambda order: source(demo_shards["static"], batch=16, **order)  # noqa: E731
+  first = make({**saved, "shuffle_window_records": saved.get("shuffle_window_records", 64)})
+  next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  later = make({**now, "shuffle_window_records": now.get("shuffle_window_records", 64)})
+  with pytest.raises(ValueError, match="another read order") as error:
+    later.set_state(state)
+  assert message in str(error.value)
+
+
+def test_held_out_batches_do_not_depend_on_the_read_order(spm, tmp_path):
+  """data.read_block_records is how training reads: the eval split is read record by record
+  whatever it is set to, so runs with different read orders are scored on the same sequences."""
+  inputs = write_slice(DEMO, tmp_path / "slice.jsonl.gz", 12)
+  create_data.create([inputs], spm.path, str(tmp_path / "data"),
+                     CreateSpec(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1,
+                                eval_fraction=0.5), num_workers=1)
+  made = {}
+  for k in (1, 16):
+    config = tiny_config(**{"data.source": "shards", "data.path": str(tmp_path / "data"),
+                            "model.vocab_size": spm.vocab_size, "data.max_seq_length": 64,
+                            "data.max_predictions_per_seq": 10, "train.global_batch_size": 8,
+                            "data.read_block_records": k, "data.shuffle_window_records": 32})
+    made[k] = {split: loader.make_source(config, split=split) for split in ("train", "eval")}
+  assert made[16]["eval"].read_block_records == 1
+  for _ in range(3):
+    assert_batches_equal(next(made[1]["eval"]), next(made[16]["eval"]), "eval")
+  train_1, train_16 = next(made[1]["train"]), next(made[16]["train"])
+  assert not np.array_equal(train_1["input_ids"], train_16["input_ids"])
 
 
 def test_prefetcher_state_is_what_was_consumed(demo_shards, dynamic_spec):

@@ -223,11 +223,30 @@ class ShardSource:
     self._windows: dict[tuple[int, int], concurrent.futures.Future] = {}
 
   def get_state(self) -> dict[str, Any]:
-    return {"epoch": self._epoch, "batch": self._batch}
+    state = {"epoch": self._epoch, "batch": self._batch}
+    if self.read_block_records > 1:   # the order a position counts in (K = 1: none, as before)
+      state.update(self._read_order())
+    return state
 
   def set_state(self, state: dict[str, Any]):
+    saved = {"read_block_records": int(state.get("read_block_records", 1))}
+    if saved["read_block_records"] > 1:
+      saved["shuffle_window_records"] = int(state["shuffle_window_records"])
+    if saved != self._read_order():
+      raise ValueError(
+          "the checkpoint's data position counts batches in another read order: it was saved with "
+          + ", ".join(f"data.{k}={v}" for k, v in saved.items()) + " but this run has "
+          + ", ".join(f"data.{k}={v}" for k, v in self._read_order().items())
+          + "; resume with the saved values, or start a new workdir")
     self._epoch, self._batch, self._order = int(state["epoch"]), int(state["batch"]), None
     self._drop_windows()
+
+  def _read_order(self) -> dict[str, int]:
+    """What, besides the seed and the batch size, fixes the order batches are counted in."""
+    if self.read_block_records == 1:
+      return {"read_block_records": 1}
+    return {"read_block_records": self.read_block_records,
+            "shuffle_window_records": self.window_batches * self.local_batch}
 
   def __iter__(self):
     return self
@@ -349,7 +368,9 @@ def make_source(config: ml_collections.ConfigDict, *, split: str) -> Source | No
   return ShardSource(
       data.path, split=split, max_seq_length=data.max_seq_length,
       max_predictions_per_seq=data.max_predictions_per_seq, dynamic_masking=spec,
-      verify=data.verify_checksums, read_block_records=data.read_block_records,
+      verify=data.verify_checksums,
+      # The held-out set is the same whatever order training reads in: its batches, one by one.
+      read_block_records=data.read_block_records if split == "train" else 1,
       shuffle_window_records=data.shuffle_window_records, **common)
 
 
