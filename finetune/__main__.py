@@ -12,4 +12,4 @@ if __name__ == "__main__":
   console.default_jax_platforms()        # before JAX is imported: no TPU probing without a TPU
   from finetune import train  # pylint: disable=g-import-not-at-top
   from pretrain import cli  # pylint: disable=g-import-not-at-top
-  cli.run_main(train.run, "configs/glue.py:sst2")
+  cli.run_main(train.run, "configs/glue.py:sst2", "head.pooling")

@@ -35,6 +35,7 @@ from finetune.task import Task, check_inputs, make_task
 from pretrain import sharding
 from pretrain import speed
 from pretrain.checkpoint import Checkpointer
+from pretrain.optim import peak_learning_rate
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.logs import MetricsWriter, write_config, write_text
 from pretrain.model.config import ARCHITECTURE_KEYS, BertConfig
@@ -309,10 +310,25 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
   return summary
 
 
+def check_settings(config: ml_collections.ConfigDict):
+  """The settings a run divides by, slices with or picks from, before anything is read."""
+  for key in ("seeds", "train.batch_size", "train.eval_batch_size"):
+    value = config[key] if "." not in key else config.train[key.split(".")[1]]
+    if value < 1:
+      raise ValueError(f"{key}={value} must be at least 1")
+  if config.train.max_train_examples < 0:
+    raise ValueError(f"train.max_train_examples={config.train.max_train_examples} must be 0 "
+                     "(all) or more")
+  peak_learning_rate(config.optim)        # (a negative rate is refused there)
+  for key, choices in (("pooling", heads.POOLINGS), ("feature_pooling", heads.FEATURE_POOLINGS)):
+    if config.head[key] not in choices:
+      raise ValueError(f"head.{key}={config.head[key]!r}; choose one of "
+                       f"{', '.join(map(repr, choices))}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes `config.seeds` times (seeds seed, seed+1, ...) and writes `results.json`."""
-  if config.seeds < 1:
-    raise ValueError(f"seeds={config.seeds} must be at least 1")
+  check_settings(config)
   check_inputs(config)                  # every input file, before anything is read or compiled
   pretrained, tokenizer = load_pretrained(config)
   model_config = model_config_for(config, pretrained)

@@ -11,4 +11,4 @@ if __name__ == "__main__":
   console.default_jax_platforms()        # before JAX is imported: no TPU probing without a TPU
   from pretrain import cli  # pylint: disable=g-import-not-at-top
   from pretrain import summary  # pylint: disable=g-import-not-at-top
-  cli.run_main(summary.run, "configs/pretrain.py:base")
+  cli.run_main(summary.run, "configs/pretrain.py:base", "data.max_predictions_per_seq")

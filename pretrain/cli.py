@@ -181,8 +181,10 @@ def absolute(path: str) -> str:
   return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_example: str):
-  """Parses the flags and calls `run(config, workdir)` after starting jax.distributed if needed."""
+def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_example: str,
+             kind_key: str):
+  """Parses the flags and calls `run(config, workdir)` after starting jax.distributed if needed.
+  `kind_key`, a key only this command's configs have, tells another command's config apart."""
   config = config_flags.DEFINE_config_file(
       "config", None, f"Config file and variant, e.g. {config_example}.", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -216,6 +218,9 @@ def run_main(run: Callable[[ml_collections.ConfigDict, str], Any], config_exampl
       _exit_with_error(message)
     if len(rest) > 1:
       _exit_with_error(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+    if kind_key not in flat_keys(config.value):
+      _exit_with_error(f"--config={_config_argument(argv)} is a config of another command (it has "
+                       f"no {kind_key}); this one takes e.g. --config={config_example}")
     if help_config.value:
       _print_to_pipe(config_docs.listing(config.value, _config_argument(argv)))
       sys.exit(0)

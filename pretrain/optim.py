@@ -40,6 +40,8 @@ def peak_learning_rate(optim: Mapping[str, Any]) -> float:
   config that still says `learning_rate` (fine-tuning's old name) is refused, not ignored."""
   if "learning_rate" in optim:
     raise ValueError("optim.learning_rate was renamed optim.peak_learning_rate")
+  if optim["peak_learning_rate"] < 0:
+    raise ValueError(f"optim.peak_learning_rate={optim['peak_learning_rate']} must be at least 0")
   return optim["peak_learning_rate"]
 
 

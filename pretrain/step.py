@@ -38,7 +38,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh, process_count: int =
     raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds "
                      f"model.max_position_embeddings={model.max_position_embeddings}")
   dp, k = sharding.data_parallel_size(mesh), train.grad_accum_steps
-  for key in ("grad_accum_steps", "log_every_steps"):
+  for key in ("global_batch_size", "grad_accum_steps", "log_every_steps"):
     if train[key] < 1:
       raise ValueError(f"train.{key}={train[key]} must be at least 1")
   if train.eval_every_steps < 0:

@@ -252,6 +252,8 @@ def test_max_predictions_above_seq_length():
     ("train.log_every_steps", 0, r"train\.log_every_steps=0 must be at least 1"),
     ("train.grad_accum_steps", 0, r"train\.grad_accum_steps=0 must be at least 1"),
     ("train.eval_every_steps", -1, r"train\.eval_every_steps=-1 must be 0 \(only at the end\)"),
+    ("train.global_batch_size", 0, r"train\.global_batch_size=0 must be at least 1"),
+    ("train.global_batch_size", -8, r"train\.global_batch_size=-8 must be at least 1"),
 ])
 def test_step_counts_out_of_range(key, value, message):
   with pytest.raises(ValueError, match=message):

@@ -234,6 +234,23 @@ def test_block_settings_below_one_are_one_line_errors(demo_shards, spm, capsys, 
       f"error: data.{key}={value} must be at least 1"]
 
 
+@pytest.mark.parametrize("key,value", [("whole_word_mask", True), ("masked_lm_prob", 0.2)])
+def test_masking_keys_that_static_shards_cannot_follow_are_named(demo_shards, spm, key, value):
+  """Static shards were masked when written: a config asking for other masks (the budget
+  recipe's whole-word masking on shards made without --mode=dynamic) would be silently ignored."""
+  config = tiny_config(**{"data.source": "shards", "data.path": str(demo_shards["static"]),
+                          "model.vocab_size": spm.vocab_size, "data.max_seq_length": 64,
+                          "data.max_predictions_per_seq": 10, f"data.{key}": value})
+  with pytest.raises(ValueError) as error:
+    loader.make_source(config, split="train")
+  assert str(error.value).startswith(
+      f"data.{key}={value} but the shards in {demo_shards['static']} were masked when they were "
+      "written (mode=static) with ")
+  assert "--mode=dynamic" in str(error.value)
+  config.data[key] = shards.read_manifest(str(demo_shards["static"]))["creation"][key]
+  assert loader.make_source(config, split="train") is not None
+
+
 def test_static_batches_are_the_stored_records(demo_shards):
   records = read_split(demo_shards["static"])
   src = source(demo_shards["static"], batch=16)

@@ -204,6 +204,40 @@ def test_pretrain_command_flag_mistakes(args, needles, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command,config,example", [
+    ("pretrain", f"{GLUE}:sst2", "configs/pretrain.py:base"),
+    ("finetune", f"{PRETRAIN}:budget", "configs/glue.py:sst2"),
+    ("finetune.curve", f"{PRETRAIN}:tiny", "configs/glue.py:sst2"),
+])
+def test_another_commands_config_is_named(command, config, example, tmp_path):
+  """A fine-tuning config given to pretraining (or the other way round) would fail deep inside
+  the run on a missing key; it is named at once."""
+  args = ["--sizes=16"] if command == "finetune.curve" else []
+  result = _command(command, f"--config={config}", f"--workdir={tmp_path / 'run'}", *args)
+  assert_one_error_line(result, f"--config={config} is a config of another command",
+                        f"this one takes e.g. --config={example}")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 0, "train.batch_size=0 must be at least 1"),
+    ("train.eval_batch_size", -2, "train.eval_batch_size=-2 must be at least 1"),
+    ("seeds", 0, "seeds=0 must be at least 1"),
+    ("train.max_train_examples", -5, "train.max_train_examples=-5 must be 0 (all) or more"),
+    ("optim.peak_learning_rate", -1.0, "optim.peak_learning_rate=-1.0 must be at least 0"),
+    ("head.pooling", "avg", "head.pooling='avg'; choose one of 'pooler', 'cls', 'mean'"),
+])
+def test_finetune_settings_out_of_range(key, value, message):
+  """Checked before any file is read: a batch of 0 would divide by zero, a negative number of
+  examples silently drop the last ones, a negative rate climb the loss."""
+  config = glue_config("sst2")
+  group, _, leaf = key.rpartition(".")
+  (config[group] if group else config)[leaf] = value
+  with pytest.raises(ValueError) as error:
+    ft_train.check_settings(config)
+  assert str(error.value) == message
+
+
 def test_pretrain_command_mesh_mistake_and_verbose(tmp_path):
   """A mistake found inside the run (after JAX started): one line; --verbose adds the traceback.
   Without JAX_PLATFORMS on a machine with no TPU or GPU, libtpu says nothing either."""

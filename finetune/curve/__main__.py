@@ -36,4 +36,4 @@ def _run(config, workdir):
 if __name__ == "__main__":
   console.default_jax_platforms()        # before JAX is imported: no TPU probing without a TPU
   from pretrain import cli  # pylint: disable=g-import-not-at-top
-  cli.run_main(_run, "configs/glue.py:sst2")
+  cli.run_main(_run, "configs/glue.py:sst2", "head.pooling")

@@ -71,10 +71,12 @@ def _arm_configs(config, arms: list[plan.Arm], min_steps: int
                  ) -> tuple[dict[str, Any], dict[str, str], Any]:
   """({arm: config}, {arm: fingerprint}, the task of the first arm), every arm checked; an error
   names the arm."""
+  from finetune import train  # pylint: disable=g-import-not-at-top
   configs, fingerprints, tasks = {}, {}, []
   for arm in arms:
     configs[arm.name] = plan.arm_config(config, arm, span_task=config.task.startswith("squad"))
     try:
+      train.check_settings(configs[arm.name])
       task, weights = _check_arm(configs[arm.name])
     except (ValueError, OSError) as e:
       raise UserError(f"arm {arm.name}: {e}") from e

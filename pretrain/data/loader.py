@@ -358,6 +358,15 @@ def make_source(config: ml_collections.ConfigDict, *, split: str) -> Source | No
   manifest = shards.read_manifest(data.path)
   if split not in manifest["splits"]:
     return None
+  creation = manifest["creation"]
+  if creation["mode"] == "static":        # masked when written: the masking keys cannot apply
+    for key in ("whole_word_mask", "masked_lm_prob"):
+      if key in creation and data[key] != creation[key]:
+        raise ValueError(
+            f"data.{key}={data[key]} but the shards in {data.path} were masked when they were "
+            f"written (mode=static) with {key}={creation[key]}: make them with `tools.data create "
+            f"--mode=dynamic` to mask as the config says, or set --config.data.{key}="
+            f"{creation[key]}")
   tokenizer = tokenizer_of_shards(data.path, manifest)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of the shards "
