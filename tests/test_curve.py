@@ -233,9 +233,75 @@ def test_bad_input_stops_with_one_line_before_training(tiny, tmp_path, capsys):
   assert not (tmp_path / "bad" / "results.jsonl").exists()
 
 
-def test_help_lists_the_curve_flags():
+def test_a_size_equal_to_the_training_set_and_all_are_refused():
+  """--sizes=64,all on 64 examples would train the same cells twice, as n=64 and as all (64)."""
+  with pytest.raises(console.UserError) as error:
+    plan.check_sizes([16, 64, None], 64, 8, "DATA")
+  assert str(error.value) == ("--sizes: 64 and 'all' are the same size (the training set has 64 "
+                              "examples in DATA); give only one of them")
+  plan.check_sizes([16, 63, None], 64, 8, "DATA")      # a size just below is another size
+
+
+def test_bad_seeds_workers_or_min_steps_name_only_the_bad_flags(capsys):
+  def curve(**spec):
+    fields = {"sizes": ["16"], "seeds": 1, "arms": ["scratch"], "plot": False, **spec}
+    return lambda: runner.run(glue_config("sst2"), "unused", runner.CurveSpec(**fields))
+
+  assert _one_line_error(capsys, curve(min_steps=-4)) == "error: --min_steps=-4 must be at least 0"
+  assert _one_line_error(capsys, curve(seeds=0, workers=0)) == (
+      "error: --seeds=0 must be at least 1, --workers=0 must be at least 1")
+  assert _one_line_error(capsys, curve(workers=-1)) == "error: --workers=-1 must be at least 1"
+
+
+def test_a_rerun_with_a_new_arm_keeps_the_earlier_arms_in_the_table(tiny, tmp_path, monkeypatch):
+  """Cells are not trained here (run_cell gives a score from the arm's name): the table and the
+  figure show the arms of every run of the same setting, and not those of another setting."""
+  score = {"pretrained": 0.75, "scratch": 0.5, "features": 0.625, "other": 0.25}
+  monkeypatch.setattr(worker, "run_cell", lambda config, cell_dir: {
+      "metrics": {"dev/accuracy": score[Path(cell_dir).parent.name]}, "steps": 4, "seconds": 0.1})
+  figures = []
+  monkeypatch.setattr(runner.report, "plot", lambda rows, arms, *_: figures.append(arms))
+  workdir = str(tmp_path / "curve")
+
+  def table(**spec):
+    runner.run(_config(tiny), workdir, _spec(tiny, sizes=["16"], seeds=1, plot=True, **spec))
+    lines = (tmp_path / "curve" / "table.md").read_text().splitlines()
+    return [line.split(" | ") for line in lines[4:] if line.startswith("| ")]
+
+  assert table(arms=["pretrained", "scratch"]) == [["| pretrained", "0.750 |"],
+                                                   ["| scratch", "0.500 |"]]
+  assert table(arms=["features"]) == [["| features", "0.625 |"], ["| pretrained", "0.750 |"],
+                                      ["| scratch", "0.500 |"]]
+  assert figures[-1] == ["features", "pretrained", "scratch"]
+  # Another setting (--min_steps here): its arm alone, the earlier cells are not its curve's.
+  assert table(arms=[], extras=[f"other={tiny / 'checkpoint'}"], min_steps=5) == [
+      ["| other", "0.250 |"]]
+  assert figures[-1] == ["other"]
+  assert len((tmp_path / "curve" / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_help_gives_the_usage_and_lists_the_curve_flags():
   result = subprocess.run([sys.executable, "-m", "finetune.curve", "--help"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                          text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith(
+      "python -m finetune.curve --config=configs/glue.py:sst2 --config.data.dir=DATA --workdir=OUT")
+  assert "Learning curves: fine-tunes every arm" in result.stdout
   for flag in ("--sizes", "--arms", "--extra", "--workers", "--workdir", "--help_config"):
     assert flag in result.stdout, flag
+
+
+def test_help_config_needs_no_sizes(tmp_path):
+  def command(*args):
+    return subprocess.run([sys.executable, "-m", "finetune.curve", "--config=configs/glue.py:sst2",
+                           *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  listing = command("--help_config")
+  assert listing.returncode == 0, listing.stderr[-2000:]
+  assert "head.pooling" in listing.stdout and "train.batch_size" in listing.stdout
+  missing = command(f"--workdir={tmp_path / 'curve'}")       # anything else still needs --sizes
+  assert missing.returncode == console.EXIT_USER_ERROR
+  assert missing.stderr.strip().splitlines() == [
+      "error: --sizes is required, e.g. --sizes=100,300,1000,all"]
+  assert not (tmp_path / "curve").exists()

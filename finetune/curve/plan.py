@@ -176,6 +176,15 @@ def fingerprint(config: ml_collections.ConfigDict, weights: str, min_steps: int)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def setting(config: ml_collections.ConfigDict, checkpoint: str, min_steps: int) -> str:
+  """A short hash of what every arm of a curve shares (the task config but the first seed,
+  --checkpoint, --min_steps): the table and figure show the arms of results.jsonl made with the
+  same, those an earlier run added included."""
+  config = config.copy_and_resolve_references()
+  config.init_checkpoint = cli.absolute(checkpoint)
+  return fingerprint(config, "", min_steps)
+
+
 def cell_config(config: ml_collections.ConfigDict, cell: Cell, num_examples: int, min_steps: int
                 ) -> ml_collections.ConfigDict:
   """The arm's config for one cell: its subsample, its seed, one evaluation after the last step,
@@ -200,6 +209,9 @@ def make_cells(arms: list[Arm], sizes: list[int | None], first_seed: int, seeds:
 
 
 def check_sizes(sizes: list[int | None], num_examples: int, batch_size: int, where: str):
+  if None in sizes and num_examples in sizes:
+    raise UserError(f"--sizes: {num_examples} and {ALL!r} are the same size (the training set has "
+                    f"{num_examples} examples in {where}); give only one of them")
   for size in sizes:
     if size is not None and size > num_examples:
       raise UserError(f"--sizes: {size} is larger than the training set ({num_examples} examples "

@@ -44,11 +44,25 @@ def finished(rows: list[dict[str, Any]], fingerprints: dict[str, str]) -> dict[t
   return done
 
 
-def make_row(cell: Cell, examples: int, metric: str, result: dict[str, Any], fingerprint: str
-             ) -> dict[str, Any]:
+def other_arms(rows: list[dict[str, Any]], setting: str, cells: list[Cell]) -> dict[tuple, dict]:
+  """The rows of arms other than those of `cells` that a curve of the same setting (plan.setting)
+  wrote for the sizes and seeds of `cells`, by cell key: arms an earlier run added, which the table
+  and figure show too."""
+  arms, wanted = {c.arm for c in cells}, {c.key[1:] for c in cells}
+  found = {}
+  for row in rows:
+    key = (row["arm"], str(row["size"]), row["seed"])
+    if row.get("setting") == setting and row["arm"] not in arms and key[1:] in wanted:
+      found[key] = row
+  return found
+
+
+def make_row(cell: Cell, examples: int, metric: str, result: dict[str, Any], fingerprint: str,
+             setting: str) -> dict[str, Any]:
   return {"arm": cell.arm, "size": cell.size or ALL, "examples": examples, "seed": cell.seed,
           "metric": metric, "value": result["metrics"][metric], "metrics": result["metrics"],
-          "steps": result["steps"], "seconds": result["seconds"], "fingerprint": fingerprint}
+          "steps": result["steps"], "seconds": result["seconds"], "fingerprint": fingerprint,
+          "setting": setting}
 
 
 def _values(rows, arm: str, size_label: str) -> list[float]:

@@ -156,6 +156,7 @@ class _Curve:
   arms: list[plan.Arm]
   configs: dict[str, Any]                # arm -> its fine-tuning config
   fingerprints: dict[str, str]           # arm -> plan.fingerprint
+  setting: str                           # plan.setting: what every arm shares
   sizes: list[int | None]
   num_examples: int                      # the whole training set
   metric: str                            # the task's main metric, e.g. dev/accuracy
@@ -167,19 +168,23 @@ def _prepare(config, spec: CurveSpec) -> _Curve:
   """Every check, before anything trains: flags, each arm's inputs, the sizes against the data."""
   if config.seeds != 1:
     raise UserError(f"config.seeds={config.seeds}: a curve's seeds are --seeds=N, from config.seed")
-  if spec.seeds < 1 or spec.workers < 1 or spec.min_steps < 0:
-    raise UserError(f"--seeds={spec.seeds} and --workers={spec.workers} must be at least 1, "
-                    f"--min_steps={spec.min_steps} at least 0")
+  bad = [f"--{flag}={value} must be at least {least}"
+         for flag, value, least in (("seeds", spec.seeds, 1), ("workers", spec.workers, 1),
+                                    ("min_steps", spec.min_steps, 0)) if value < least]
+  if bad:
+    raise UserError(", ".join(bad))
   if spec.plot:
     report.import_pyplot()                # no matplotlib: say so now, not after hours of training
   sizes = plan.parse_sizes(spec.sizes)
-  arms = plan.parse_arms(spec.arms, spec.checkpoint or config.init_checkpoint, spec.extras,
-                         spec.overrides)
+  checkpoint = spec.checkpoint or config.init_checkpoint
+  arms = plan.parse_arms(spec.arms, checkpoint, spec.extras, spec.overrides)
   configs, fingerprints, task = _arm_configs(config, arms, spec.min_steps)
   num_examples = len(task.all_train_examples())
   data = config.data.get("dir") or config.data.get("train_file") or config.data.source
   plan.check_sizes(sizes, num_examples, config.train.batch_size, data)
-  return _Curve(arms, configs, fingerprints, sizes, num_examples, task.main_metric, 1 if task.kind == "span" else 3,
+  return _Curve(arms, configs, fingerprints,
+                plan.setting(config, checkpoint, spec.min_steps), sizes,
+                num_examples, task.main_metric, 1 if task.kind == "span" else 3,
                 f"{config.task} on {os.path.basename(data.rstrip('/'))}, {task.main_metric}")
 
 
@@ -194,7 +199,7 @@ def _run_cells(curve: _Curve, cells: list[plan.Cell], done: dict, workdir: str, 
   with _compile_cache(workdir):
     for ran, (cell, result) in enumerate(_execute(jobs, min(workers, max(len(jobs), 1))), 1):
       row = report.make_row(cell, cell.size or curve.num_examples, curve.metric, result,
-                            curve.fingerprints[cell.arm])
+                            curve.fingerprints[cell.arm], curve.setting)
       report.append_result(workdir, row)
       done[cell.key], count = row, count + 1
       left = (time.perf_counter() - start) / ran * (len(todo) - ran)
@@ -209,7 +214,8 @@ def run(config, workdir: str, spec: CurveSpec) -> dict[str, Any]:
   curve.png in `workdir`. Returns the counts of cells and the table."""
   curve = _prepare(config, spec)
   os.makedirs(workdir, exist_ok=True)
-  done = report.finished(report.read_results(workdir), curve.fingerprints)
+  results = report.read_results(workdir)
+  done = report.finished(results, curve.fingerprints)
   cells = plan.make_cells(curve.arms, curve.sizes, config.seed, spec.seeds)
   skipped = sum(c.key in done for c in cells)
   print(f"{len(cells)} cells ({len(curve.arms)} arms x {len(curve.sizes)} sizes x {spec.seeds} "
@@ -218,8 +224,10 @@ def run(config, workdir: str, spec: CurveSpec) -> dict[str, Any]:
         flush=True)
   trained = _run_cells(curve, cells, done, workdir, spec.workers, spec.min_steps)
 
-  rows = [done[c.key] for c in cells if c.key in done]
-  arms, labels = [a.name for a in curve.arms], [plan.size_label(s) for s in curve.sizes]
+  earlier = report.other_arms(results, curve.setting, cells)    # arms of earlier runs too
+  rows = [done[c.key] for c in cells if c.key in done] + list(earlier.values())
+  arms = [a.name for a in curve.arms] + list(dict.fromkeys(arm for arm, _, _ in earlier))
+  labels = [plan.size_label(s) for s in curve.sizes]
   text = report.table(rows, arms, labels, spec.seeds, curve.num_examples, curve.title,
                       curve.decimals)
   with open(os.path.join(workdir, report.TABLE), "w", encoding="utf-8") as f:
