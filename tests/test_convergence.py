@@ -285,3 +285,74 @@ def test_command_line_error_has_no_traceback(shards, tmp_path):
                           timeout=120)
   assert_one_error_line(result.returncode, result.stderr, "model_type='gpt2'")
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--systems=ours,ours",
+     "--systems=ours,ours: name each side once, e.g. --systems=reference,ours"),
+    ("--max_seconds=-5", "--max_seconds=-5 must be at least 0 (0 = no limit)"),
+    ("--target_mlm_accuracy=1.5", "--target_mlm_accuracy=1.5 must be in (0, 1], a held-out MLM "
+     "accuracy (0 = no target)"),
+    ("--target_mlm_accuracy=-0.2", "--target_mlm_accuracy=-0.2 must be in (0, 1], a held-out MLM "
+     "accuracy (0 = no target)"),
+], ids=["duplicate-system", "negative-seconds", "accuracy-above-1", "negative-accuracy"])
+def test_flag_values_out_of_range(flag, message, tmp_path):
+  code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, flag))
+  assert_one_error_line(code, err)
+  assert err.strip() == f"error: {message}"
+
+
+def test_zero_seconds_and_accuracy_still_mean_none(tmp_path):
+  code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, "--max_seconds=0",
+                               "--target_mlm_accuracy=0", "--report_only"))
+  assert_one_error_line(code, err, "convergence.jsonl does not exist")   # past the flag checks
+
+
+def _records(*accuracies: float) -> str:
+  return "".join(json.dumps(dict(system="ours", name="n", seed=0, run_id="1", kind="eval",
+                                 step=100 * i, mlm_accuracy=acc, wall_s=10.0 * i)) + "\n"
+                 for i, acc in enumerate(accuracies, 1))
+
+
+def test_report_only_skips_a_partial_last_line(tmp_path):
+  """A run killed while writing leaves half a line: the report skips it and says so; the next
+  run that trains cuts it first, so that its own records do not run on from it."""
+  jsonl = tmp_path / "convergence.jsonl"
+  jsonl.write_text(_records(0.2, 0.35) + _records(0.4)[:60])
+  code, out, err = run_main(argv(tmp_path / "no_data", tmp_path, "--report_only", "--noplot",
+                                 "--target_mlm_accuracy=0.3"))
+  assert code == 0, err
+  assert err.strip().splitlines() == [
+      f"warning: {jsonl}: skipped its last line, a partial record (a run killed while writing it)"]
+  assert out.splitlines() == [
+      "ours (n, seed 0): held-out MLM accuracy 0.3500 >= 0.3000 at step 200, 20.0 s"]
+  assert len(report.read_records(str(jsonl), cut_partial=True)) == 2
+  assert jsonl.read_text() == _records(0.2, 0.35)
+
+
+def test_report_only_names_a_bad_line_and_an_empty_file(tmp_path):
+  jsonl = tmp_path / "convergence.jsonl"
+  jsonl.write_text(_records(0.2) + _records(0.35)[:60] + "\n" + _records(0.4))
+  code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, "--report_only", "--noplot"))
+  assert_one_error_line(code, err)
+  assert err.strip() == (f"error: {jsonl}: line 2 is not a JSON record (Unterminated string "
+                         "starting at column 59); repair or remove that line")
+  jsonl.write_text("")
+  code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, "--report_only", "--noplot"))
+  assert_one_error_line(code, err)
+  assert err.strip() == f"error: {jsonl} has no records"
+
+
+def test_init_folder_without_the_pretraining_heads(tmp_path):
+  """transformers' BertModel.save_pretrained: the encoder alone, no cls.* tensors."""
+  folder = tmp_path / "bare"
+  hf_config = transformers.BertConfig(**weights.hf_config_kwargs(BertConfig(**MODEL)))
+  transformers.BertModel(hf_config).save_pretrained(folder)
+  code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, "--noisolate",
+                               f"--init_dir={folder}"))
+  assert_one_error_line(code, err)
+  assert err.strip() == (
+      f"error: {folder} holds a BertModel without the pretraining heads (no cls.* tensors: MLM and "
+      "NSP); this tool needs a BertForPreTraining checkpoint (transformers' "
+      "BertForPreTraining.save_pretrained), or no --init_dir (or a folder that does not exist "
+      "yet) to create one")

@@ -97,9 +97,17 @@ def parse(argv: list[str]) -> tuple[Options, ml_collections.ConfigDict]:
   unknown = sorted(set(systems.value) - set(SYSTEMS))
   if unknown or not systems.value:
     raise InputError(f"--systems={','.join(systems.value)}: choose from {','.join(SYSTEMS)}")
+  if len(set(systems.value)) < len(systems.value):
+    raise InputError(f"--systems={','.join(systems.value)}: name each side once, e.g. "
+                     f"--systems={','.join(SYSTEMS)}")
   for flag, value in (("log_every", log_every.value), ("eval_every", eval_every.value)):
     if value < 1:
       raise InputError(f"--{flag}={value} must be at least 1")
+  if not max_seconds.value >= 0:
+    raise InputError(f"--max_seconds={max_seconds.value:g} must be at least 0 (0 = no limit)")
+  if not 0 <= target.value <= 1:
+    raise InputError(f"--target_mlm_accuracy={target.value:g} must be in (0, 1], a held-out MLM "
+                     "accuracy (0 = no target)")
   schedule = loop.Schedule(cfg.train.num_train_steps, log_every.value, eval_every.value,
                            max_seconds.value, target.value, stop.value)
   default_init = os.path.join(workdir.value, f"init_{cfg.variant}_seed{cfg.seed}")
@@ -153,7 +161,10 @@ def run(options: Options, config: ml_collections.ConfigDict, argv: list[str]) ->
   os.makedirs(options.workdir, exist_ok=True)
   if options.plot and not options.child and importlib.util.find_spec("matplotlib") is None:
     raise InputError("the figure needs matplotlib: pip install -e '.[plot]', or pass --noplot")
+  jsonl = os.path.join(options.workdir, "convergence.jsonl")
   if not options.report_only:
+    if os.path.exists(jsonl) and not options.child:   # a bad line is named now, not after training
+      report.read_records(jsonl, cut_partial=True)
     weights.prepare(config, options.init_dir, config.seed)
     for system in options.systems:
       if options.isolate:
@@ -162,10 +173,11 @@ def run(options: Options, config: ml_collections.ConfigDict, argv: list[str]) ->
         run_side(system, config, options)
   if options.child:
     return
-  jsonl = os.path.join(options.workdir, "convergence.jsonl")
   if not os.path.exists(jsonl):
     raise InputError(f"{jsonl} does not exist: nothing to report on")
   records = report.read_records(jsonl)
+  if not records:
+    raise InputError(f"{jsonl} has no records")
   if options.schedule.target:
     print("\n".join(report.target_lines(records, options.schedule.target)), flush=True)
   if any(len(seeds) > 1 for seeds in report.eval_curves(records).values()):

@@ -1,23 +1,53 @@
 """Reading the JSON lines back: time and step to a target accuracy, and the figure.
 
 A run is (system, name, seed); when the file holds it several times (a command run again), the
-latest `run_id` counts.
+latest `run_id` counts. A partial last line (a run killed while writing it) is skipped with a
+warning; a bad line elsewhere is an error naming the file and the line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 import json
+import os
+import sys
 from typing import Any
 
 import numpy as np
 
+from pretrain.console import UserError
+
 Run = tuple[str, str, int]      # (system, name, seed)
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_records(path: str, cut_partial: bool = False) -> list[dict[str, Any]]:
+  """The records of `path`, but a partial last line, skipped with a warning (with `cut_partial`
+  also cut from the file, so that the next records appended do not run on from it)."""
+  with open(path, "rb") as f:
+    lines = f.read().splitlines(keepends=True)
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line.strip())
+      if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except ValueError as e:               # json.JSONDecodeError, UnicodeDecodeError
+      if i < last:
+        where = (f"{e.msg.removesuffix(' at')} at column {e.colno}"
+                 if isinstance(e, json.JSONDecodeError) else str(e))
+        raise UserError(f"{path}: line {i + 1} is not a JSON record ({where}); repair or remove "
+                        "that line") from None
+      cut = "; cut it from the file" if cut_partial else ""
+      print(f"warning: {path}: skipped its last line, a partial record (a run killed while "
+            f"writing it){cut}", file=sys.stderr, flush=True)
+      if cut_partial:
+        os.truncate(path, sum(map(len, lines[:i])))
+      continue
+    records.append(record)
+  return records
 
 
 def latest_runs(records: Iterable[dict[str, Any]]) -> dict[Run, list[dict[str, Any]]]:

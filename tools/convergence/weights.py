@@ -107,8 +107,14 @@ def prepare(config: ml_collections.ConfigDict, folder: str, seed: int) -> BertCo
 
 
 def load_params(folder: str, model: BertConfig) -> dict:
-  """Our parameters (numpy float32) from the folder's weights."""
+  """Our parameters (numpy float32) from the folder's weights, MLM and NSP heads included."""
+  state_dict = load_hf_state_dict(folder)
+  if not any(key.startswith("cls.") for key in state_dict):
+    raise InputError(f"{folder} holds a BertModel without the pretraining heads (no cls.* "
+                     "tensors: MLM and NSP); this tool needs a BertForPreTraining checkpoint "
+                     "(transformers' BertForPreTraining.save_pretrained), or no --init_dir (or "
+                     "a folder that does not exist yet) to create one")
   try:
-    return hf_convert.params_from_hf(load_hf_state_dict(folder), model)
+    return hf_convert.params_from_hf(state_dict, model)
   except (KeyError, ValueError) as e:
     raise InputError(f"{folder}: {e.args[0] if e.args else e}") from None
