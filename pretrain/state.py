@@ -16,6 +16,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+import numpy as np
 import optax
 
 from pretrain import sharding
@@ -57,13 +58,28 @@ class Setup:
                        out_shardings=self.state_shardings.params)(key)
       if restore is not None:
         params = restore(params)
+      return self._with_optimizer(params, key)
 
-      def make(params, key):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+  def from_params(self, params: Any, seed: int) -> TrainState:
+    """The train state of given parameters (host arrays, the tree of `abstract_state.params`),
+    put in their sharded layout and dtype without drawing random ones first (for BERT-Base that
+    saves compiling and running the whole initialiser); step, optimizer state and rng as
+    `init(seed)` makes them."""
+    abstract = self.abstract_state.params
+    if jax.tree.structure(params) != jax.tree.structure(abstract):
+      raise ValueError("the parameters do not have the model's parameter tree")
+    with jax.set_mesh(self.mesh):
+      placed = jax.tree.map(lambda a, x, s: jax.device_put(np.asarray(x, a.dtype), s),
+                            abstract, params, self.state_shardings.params)
+      return self._with_optimizer(placed, jax.random.PRNGKey(seed))
 
-      return jax.jit(make, out_shardings=self.state_shardings, donate_argnums=0)(params, key)
+  def _with_optimizer(self, params: Any, key: jax.Array) -> TrainState:
+    def make(params, key):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.tx.init(params),
+                        rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    return jax.jit(make, out_shardings=self.state_shardings, donate_argnums=0)(params, key)
 
   def apply(self, params, batch, key=None) -> Any:
     return nnx.merge(self.graphdef, params)(batch, key)

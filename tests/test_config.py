@@ -8,6 +8,7 @@ import sys
 
 from absl import flags
 import jax
+import numpy as np
 from ml_collections import config_flags
 import pytest
 
@@ -315,3 +316,22 @@ def test_bad_activation_and_attention_impl():
   with pytest.raises(ValueError, match=r"model\.attention_impl='flash'"):
     step_lib.make_setup(tiny_config(**{"model.attention_impl": "flash"}),
                      sharding.make_mesh((-1, 1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(-1, 1, 1), (2, 2, 2)])
+def test_state_from_given_parameters_is_the_initialised_one(shape):
+  """`Setup.from_params` (the convergence tool's import: every parameter given) makes the state
+  that `init` with every parameter restored makes, without drawing random parameters first:
+  the same values, dtypes and shardings, optimizer state and rng; another tree is refused."""
+  config = tiny_config()
+  setup = step_lib.make_setup(config, sharding.make_mesh(shape))
+  given = jax.tree.map(lambda a: np.random.default_rng(a.size).standard_normal(a.shape),
+                       setup.abstract_state.params)         # float64 host arrays
+  restored = setup.init(7, restore=lambda fresh: jax.tree.map(
+      lambda f, x: jax.device_put(np.asarray(x, f.dtype), f.sharding), fresh, given))
+  made = setup.from_params(given, 7)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(made)):
+    assert a.dtype == b.dtype and a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="the model's parameter tree"):
+    setup.from_params({"bert": given["bert"]}, 7)

@@ -31,15 +31,11 @@ class Ours:
     self.train_step, self.eval_step = built.train_step, built.eval_step
     self.model_config = built.setup.model_config
     imported = weights.load_params(init_dir, self.model_config)
-
-    def restore(fresh: Any) -> Any:
-      if jax.tree.structure(fresh) != jax.tree.structure(imported):
-        raise InputError("the imported weights do not have the model's parameter tree (is "
-                         "model.scan_layers=True? the transformers import needs False)")
-      return jax.tree.map(lambda f, x: jax.device_put(np.asarray(x, f.dtype), f.sharding),
-                          fresh, imported)
-
-    self.state = built.setup.init(config.seed, restore=restore)
+    if jax.tree.structure(imported) != jax.tree.structure(built.setup.abstract_state.params):
+      raise InputError("the imported weights do not have the model's parameter tree (is "
+                       "model.scan_layers=True? the transformers import needs False)")
+    # Every parameter is imported: no random initialiser to compile and run first.
+    self.state = built.setup.from_params(imported, config.seed)
     self.eval_batches = train_lib.held_out_batches(config)
     if not self.eval_batches:
       raise InputError(f"the shards in {config.data.path} have no eval split: recreate them with "
