@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import threading
+from typing import Any
 
 from absl import logging
 from flax import nnx
@@ -139,6 +141,27 @@ def make_eval_step(setup: Setup) -> Callable:
   return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
                                           loader.batch_shardings(setup.mesh)),
                  out_shardings=sharding.replicated(setup.mesh))
+
+
+def compile_in_background(jitted: Callable, mesh: Mesh, *args: Any) -> threading.Thread:
+  """Starts compiling `jitted` for arguments shaped and placed like `args` (arrays or
+  ShapeDtypeStructs with shardings) on a daemon thread, so that its first call finds the program
+  in JAX's cache. Join the thread before that call: a call while it still compiles compiles again.
+  A failure is left for the first call to raise in the foreground."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      args)                     # taken now: the arrays themselves may be donated meanwhile
+
+  def compile_():
+    try:
+      with jax.set_mesh(mesh):
+        jitted.lower(*abstract).compile()
+    except Exception:  # pylint: disable=broad-except
+      logging.debug("background compilation failed; the first call will compile", exc_info=True)
+
+  thread = threading.Thread(target=compile_, name="compile-ahead", daemon=True)
+  thread.start()
+  return thread
 
 
 @dataclasses.dataclass(frozen=True)

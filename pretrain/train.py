@@ -133,6 +133,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = sharding.make_mesh(config.mesh.shape)
   built = step_lib.build(config, mesh)
   setup = built.setup
+  # The train step compiles while the checkpoint is restored or the model initialised.
+  batch_shape = loader.abstract_batch(config.train.global_batch_size, config.data.max_seq_length,
+                                      config.data.max_predictions_per_seq, mesh)
+  compiling = step_lib.compile_in_background(built.train_step, mesh, setup.abstract_state,
+                                             batch_shape)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       save_interval_steps=config.ckpt.save_interval_steps,
                       max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save,
@@ -165,6 +170,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   flops = perf.flops_per_sequence(setup.model_config, seq_len, config.data.max_predictions_per_seq)
   peak = train_cfg.peak_tflops_per_device or perf.peak_tflops(jax.devices()[0].device_kind)
 
+  compiling.join()
+  # The eval step compiles while the first steps train, not at the first evaluation.
+  compiling = step_lib.compile_in_background(eval_step, mesh, setup.abstract_state.params,
+                                             batch_shape)
   batches = loader.Prefetcher(source, mesh)
   pending: list[dict[str, jax.Array]] = []
   progress = tqdm.tqdm(total=train_cfg.num_train_steps, initial=start, desc="pretrain",
@@ -198,6 +207,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           finite.check_metrics(pending, last_log_step + 1)
           if eval_batches is None:
             eval_batches = held_out_batches(config)
+            compiling.join()
           eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
           if eval_metrics:
             writer.write(step, eval_metrics, "eval")

@@ -335,3 +335,50 @@ def test_state_from_given_parameters_is_the_initialised_one(shape):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="the model's parameter tree"):
     setup.from_params({"bert": given["bert"]}, 7)
+
+
+def test_steps_compiled_in_the_background_are_not_compiled_again():
+  """`compile_in_background` from the state's and a batch's shapes alone (as the convergence tool
+  compiles while it imports the weights): the first real calls find both programs compiled.
+  Counted by JAX's own compile events; the same call on a fresh jit does compile (the count can
+  fail)."""
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+  from pretrain.data import loader  # pylint: disable=g-import-not-at-top
+  from pretrain.data.synthetic import SyntheticSource  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.train.global_batch_size = 16
+  mesh = sharding.make_mesh((-1, 1, 1))
+  built = step_lib.build(config, mesh)
+  setup = built.setup
+  batch_shape = loader.abstract_batch(16, 32, config.data.max_predictions_per_seq, mesh)
+  threads = [
+      step_lib.compile_in_background(built.train_step, mesh, setup.abstract_state, batch_shape),
+      step_lib.compile_in_background(built.eval_step, mesh, setup.abstract_state.params,
+                                     batch_shape)]
+  batch = next(SyntheticSource(vocab_size=config.model.vocab_size, max_seq_length=32,
+                               max_predictions_per_seq=config.data.max_predictions_per_seq,
+                               masked_lm_prob=0.15, global_batch_size=16, seed=0))
+  state = setup.init(0)
+  compiles = []
+
+  def listen(event, secs, **_):
+    del secs
+    if event.endswith("backend_compile_duration"):
+      compiles.append(event)
+
+  def compiled_by(call) -> int:
+    before = len(compiles)
+    with jax.set_mesh(mesh):
+      jax.block_until_ready(call())
+    return len(compiles) - before
+
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for thread in threads:
+      thread.join()
+    global_batch = loader.to_global(batch, mesh)
+    assert compiled_by(lambda: built.eval_step(state.params, global_batch)) == 0
+    assert compiled_by(lambda: step_lib.make_eval_step(setup)(state.params, global_batch)) >= 1
+    assert compiled_by(lambda: built.train_step(state, global_batch)) == 0
+  finally:
+    monitoring.unregister_event_duration_listener(listen)

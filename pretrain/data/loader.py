@@ -47,6 +47,14 @@ def batch_shapes(batch_size: int, seq_len: int, predictions: int
           for k, (dtype, dims) in BATCH_SCHEMA.items()}
 
 
+def abstract_batch(batch_size: int, seq_len: int, predictions: int, mesh: Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global batch as shapes, dtypes and shardings: what compiling a step ahead of its data needs."""
+  shardings = batch_shardings(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+          for k, (shape, dtype) in batch_shapes(batch_size, seq_len, predictions).items()}
+
+
 class Source(Protocol):
   """What the loop needs of a data source: host-local batches and a resumable position."""
 

@@ -46,9 +46,7 @@ def compile_report(config, topology: Topology, devices: list | None = None,
   k = config.train.grad_accum_steps
   b, s = config.train.global_batch_size, config.data.max_seq_length
   p = config.data.max_predictions_per_seq
-  shardings = loader.batch_shardings(mesh)
-  batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[key])
-           for key, (shape, dtype) in loader.batch_shapes(b, s, p).items()}
+  batch = loader.abstract_batch(b, s, p, mesh)
 
   n = len(devices)
   hbm = topology.hbm_gib * GIB
