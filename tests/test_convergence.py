@@ -295,7 +295,10 @@ def test_command_line_error_has_no_traceback(shards, tmp_path):
      "accuracy (0 = no target)"),
     ("--target_mlm_accuracy=-0.2", "--target_mlm_accuracy=-0.2 must be in (0, 1], a held-out MLM "
      "accuracy (0 = no target)"),
-], ids=["duplicate-system", "negative-seconds", "accuracy-above-1", "negative-accuracy"])
+    ("--config.optim.warmup_steps=1000",     # before the reference trains, not after it
+     "optim.warmup_steps=1000 must lie in [0, train.num_train_steps=30]"),
+], ids=["duplicate-system", "negative-seconds", "accuracy-above-1", "negative-accuracy",
+        "warmup-longer-than-training"])
 def test_flag_values_out_of_range(flag, message, tmp_path):
   code, _, err = run_main(argv(tmp_path / "no_data", tmp_path, flag))
   assert_one_error_line(code, err)

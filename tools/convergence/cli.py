@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from pretrain import cli as pretrain_cli
 from pretrain import console
+from pretrain import optim as optim_lib
 from tools.convergence import loop
 from tools.convergence import report
 from tools.convergence import weights
@@ -108,6 +109,10 @@ def parse(argv: list[str]) -> tuple[Options, ml_collections.ConfigDict]:
   if not 0 <= target.value <= 1:
     raise InputError(f"--target_mlm_accuracy={target.value:g} must be in (0, 1], a held-out MLM "
                      "accuracy (0 = no target)")
+  try:                          # the recipe's own errors, before either side trains for minutes
+    optim_lib.learning_rate_schedule(cfg.optim, cfg.train.num_train_steps)
+  except ValueError as e:
+    raise InputError(str(e)) from None
   schedule = loop.Schedule(cfg.train.num_train_steps, log_every.value, eval_every.value,
                            max_seconds.value, target.value, stop.value)
   default_init = os.path.join(workdir.value, f"init_{cfg.variant}_seed{cfg.seed}")
