@@ -145,9 +145,14 @@ def make_eval_step(setup: Setup) -> Callable:
 
 def compile_in_background(jitted: Callable, mesh: Mesh, *args: Any) -> threading.Thread:
   """Starts compiling `jitted` for arguments shaped and placed like `args` (arrays or
-  ShapeDtypeStructs with shardings) on a daemon thread, so that its first call finds the program
-  in JAX's cache. Join the thread before that call: a call while it still compiles compiles again.
-  A failure is left for the first call to raise in the foreground."""
+  ShapeDtypeStructs with shardings) on a thread, so that its first call finds the program in JAX's
+  cache. Join the thread before that call: a call while it still compiles compiles again. A
+  failure is left for the first call to raise in the foreground.
+
+  The thread is not a daemon: a program that stops on an error while it compiles waits for it at
+  exit. A daemon thread still inside JAX when the interpreter shuts down aborts the process
+  ("FATAL: exception not rethrown", exit status 134, seen on 1 in 8 `pretrain` runs at base whose
+  data path was wrong), which would replace the program's one-line error."""
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       args)                     # taken now: the arrays themselves may be donated meanwhile
@@ -159,7 +164,7 @@ def compile_in_background(jitted: Callable, mesh: Mesh, *args: Any) -> threading
     except Exception:  # pylint: disable=broad-except
       logging.debug("background compilation failed; the first call will compile", exc_info=True)
 
-  thread = threading.Thread(target=compile_, name="compile-ahead", daemon=True)
+  thread = threading.Thread(target=compile_, name="compile-ahead", daemon=False)
   thread.start()
   return thread
 

@@ -133,17 +133,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = sharding.make_mesh(config.mesh.shape)
   built = step_lib.build(config, mesh)
   setup = built.setup
-  # The train step compiles while the checkpoint is restored or the model initialised.
   batch_shape = loader.abstract_batch(config.train.global_batch_size, config.data.max_seq_length,
                                       config.data.max_predictions_per_seq, mesh)
-  compiling = step_lib.compile_in_background(built.train_step, mesh, setup.abstract_state,
-                                             batch_shape)
+  source = loader.make_source(config, split="train")    # the data's checks, before anything is made
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       save_interval_steps=config.ckpt.save_interval_steps,
                       max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save,
                       checksums=config.ckpt.get("checksums", True))
   try:
-    source = loader.make_source(config, split="train")
+    # The train step compiles while the checkpoint is restored or the model initialised; started
+    # after the data's checks, so that a mistake there is reported without waiting for it.
+    compiling = step_lib.compile_in_background(built.train_step, mesh, setup.abstract_state,
+                                               batch_shape)
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is not None:
       source.set_state(restored[1])

@@ -238,6 +238,17 @@ def test_finetune_settings_out_of_range(key, value, message):
   assert str(error.value) == message
 
 
+def test_pretrain_command_data_mistake_leaves_nothing(tmp_path):
+  """A shard folder that does not exist, at `base` (whose step takes long to compile): one line,
+  exit status 2, and no checkpoints folder. The data is checked before the train step starts
+  compiling in the background (a compilation still running when the interpreter shut down once
+  turned this line into an abort, exit status 134)."""
+  result = _command("pretrain", f"--config={PRETRAIN}:base", f"--workdir={tmp_path / 'run'}",
+                    f"--config.data.path={tmp_path / 'nowhere'}")
+  assert_one_error_line(result, "nowhere/manifest.json not found", "python -m tools.data create")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_pretrain_command_mesh_mistake_and_verbose(tmp_path):
   """A mistake found inside the run (after JAX started): one line; --verbose adds the traceback.
   Without JAX_PLATFORMS on a machine with no TPU or GPU, libtpu says nothing either."""
