@@ -333,6 +333,16 @@ def test_finetune_command_missing_dev_file(tmp_path):
 # The other commands
 
 
+def test_data_benchmark_errors(tmp_path):
+  result = _command("tools.bench.data", f"--shards={tmp_path / 'nowhere'}", "--storage")
+  assert_one_error_line(result, "nowhere/manifest.json not found")
+  result = _command("tools.bench.data", f"--shards={tmp_path / 'nowhere'}", "--storage",
+                    "--read_block_records", "16", "0")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.splitlines()[-1].endswith(
+      "error: --read_block_records 16 0: each must be at least 1")
+
+
 def test_data_command_errors(tmp_path):
   result = _command("tools.data", "inspect", f"--data_dir={tmp_path / 'nowhere'}")
   assert_one_error_line(result, "nowhere/manifest.json not found", "python -m tools.data create")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import resource
 import shutil
 import tempfile
@@ -59,7 +60,16 @@ def main(argv=None) -> int:
                       help="the values of data.read_block_records to time (see 4. above)")
   parser.add_argument("--shuffle_window_records", type=int,
                       help="data.shuffle_window_records (default: its default; see 4. above)")
+  parser.add_argument("--verbose", action="store_true", help="on an error, its traceback too")
   args = parser.parse_args(argv)
+  from pretrain import console  # pylint: disable=g-import-not-at-top
+  return console.run_command(lambda: _bench(args, parser), args.verbose)
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  if any(k < 1 for k in args.read_block_records):
+    parser.error(f"--read_block_records {' '.join(map(str, args.read_block_records))}: each must "
+                 "be at least 1")
   if args.shards:
     _print_rows(storage_rows(args.shards, args.batch_size, args.loader_batches, args.bucket,
                              args.read_block_records, args.shuffle_window_records))
@@ -217,4 +227,4 @@ def storage_rows(directory: str, batch_size: int, batches: int, bucket: str | No
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  raise SystemExit(main(sys.argv[1:]))
