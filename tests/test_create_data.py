@@ -362,4 +362,5 @@ def test_cli_create_and_inspect(spm, tmp_path):
     assert all(shown in vocab and orig in vocab for shown, orig in marks)
   assert re.search(r"<\[MASK\]\|[^>]+>", text)
   assert "<shown|original> marks a position to predict" in text
+  assert "dynamic shards" not in text          # static: these are the masks training reads
   assert re.search(r"#0 length \d+, next sentence: (random \(1\)|actual \(0\))", text)

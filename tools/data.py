@@ -148,6 +148,11 @@ def _inspect(args) -> int:
           f"segment B from position {int(np.argmax(segments)) if segments.any() else '-'}")
     print(" ".join(shown))
   print("\n<shown|original> marks a position to predict")
+  if creation["mode"] == "dynamic":
+    print(f"(dynamic shards: these masks were drawn now with the creation's whole_word_mask="
+          f"{creation['whole_word_mask']} and masked_lm_prob={creation['masked_lm_prob']}; training "
+          "draws new ones every epoch with its config's data.whole_word_mask and "
+          "data.masked_lm_prob)")
   return 0
 
 
