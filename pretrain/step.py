@@ -152,7 +152,8 @@ def compile_in_background(jitted: Callable, mesh: Mesh, *args: Any) -> threading
   The thread is not a daemon: a program that stops on an error while it compiles waits for it at
   exit. A daemon thread still inside JAX when the interpreter shuts down aborts the process
   ("FATAL: exception not rethrown", exit status 134, seen on 1 in 8 `pretrain` runs at base whose
-  data path was wrong), which would replace the program's one-line error."""
+  data path was wrong), which would replace the program's one-line error. So run the cheap checks
+  before starting it; a second Ctrl-C during that wait still ends the process the hard way."""
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       args)                     # taken now: the arrays themselves may be donated meanwhile

@@ -247,6 +247,12 @@ def test_shape_mismatch(shards, init_dir, tmp_path):
                         "intermediate_size=64")
 
 
+def test_stacked_layers_are_refused_before_compiling(shards, init_dir, tmp_path):
+  code, _, err = run_main(argv(shards, tmp_path, "--noisolate", "--systems=ours",
+                               f"--init_dir={init_dir}", **{"model.scan_layers": True}))
+  assert_one_error_line(code, err, "model.scan_layers=True", "--config.model.scan_layers=False")
+
+
 def test_weights_that_do_not_fit_their_config(shards, init_dir, tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   folder = tmp_path / "cut"

@@ -28,6 +28,14 @@ class Ours:
     self.source = loader.make_source(config, split="train")   # checks the data first
     self.mesh = sharding.make_mesh(config.mesh.shape)
     built = step_lib.build(config, self.mesh)
+    # The cheap checks first: an error after the compilations start waits for them at exit.
+    if config.model.scan_layers:
+      raise InputError("model.scan_layers=True: the transformers import needs one set of "
+                       "weights per layer; set --config.model.scan_layers=False")
+    self.eval_batches = train_lib.held_out_batches(config)
+    if not self.eval_batches:
+      raise InputError(f"the shards in {config.data.path} have no eval split: recreate them with "
+                       "`python -m tools.data create --eval_fraction=0.01`")
     # Both programs compile while the weights are read and placed (at base on an H100 the train
     # step's compilation took 33 s, after the weights, and the eval step's 10 s at the first
     # evaluation): the train step's is waited for before the first step, in `batches`.
@@ -39,16 +47,11 @@ class Ours:
         step_lib.compile_in_background(built.eval_step, self.mesh, abstract.params, batch)]
     self.train_step, self.eval_step = built.train_step, built.eval_step
     self.model_config = built.setup.model_config
-    imported = weights.load_params(init_dir, self.model_config)
-    if jax.tree.structure(imported) != jax.tree.structure(built.setup.abstract_state.params):
-      raise InputError("the imported weights do not have the model's parameter tree (is "
-                       "model.scan_layers=True? the transformers import needs False)")
+    imported = weights.load_params(init_dir, self.model_config)   # (checked by the parent too)
+    if jax.tree.structure(imported) != jax.tree.structure(abstract.params):
+      raise InputError("the imported weights do not have the model's parameter tree")
     # Every parameter is imported: no random initialiser to compile and run first.
     self.state = built.setup.from_params(imported, config.seed)
-    self.eval_batches = train_lib.held_out_batches(config)
-    if not self.eval_batches:
-      raise InputError(f"the shards in {config.data.path} have no eval split: recreate them with "
-                       "`python -m tools.data create --eval_fraction=0.01`")
     self.info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                      speed_path=built.setup.speed_path.describe())
     self._prefetcher: loader.Prefetcher | None = None
