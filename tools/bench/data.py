@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
