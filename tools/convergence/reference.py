@@ -70,6 +70,7 @@ class Reference:
       raise InputError(f"the shards in {config.data.path} have no eval split: recreate them with "
                        "`python -m tools.data create --eval_fraction=0.01`")
     self._stop = threading.Event()
+    self._filler: threading.Thread | None = None
     self.info = dict(device=torch.cuda.get_device_name() if self.cuda else "cpu",
                      torch=torch.__version__, transformers=transformers.__version__,
                      compiled=compile_model, autocast=config.model.dtype,
@@ -82,21 +83,24 @@ class Reference:
     """The loader's batches as torch tensors, prepared (pinned on a GPU) on a thread."""
     ready: queue.Queue = queue.Queue(maxsize=4)
 
+    def put(item) -> None:                 # gives up once close() is called
+      while not self._stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          return
+        except queue.Full:
+          pass
+
     def fill():
       try:
         while not self._stop.is_set():
           batch = torch_batch(next(self.source), self.vocab_size, "cpu")
-          item = {k: v.pin_memory() for k, v in batch.items()} if self.cuda else batch
-          while not self._stop.is_set():
-            try:
-              ready.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              pass
+          put({k: v.pin_memory() for k, v in batch.items()} if self.cuda else batch)
       except BaseException as e:  # pylint: disable=broad-except
-        ready.put(e)
+        put(e)
 
-    threading.Thread(target=fill, daemon=True, name="reference-prefetch").start()
+    self._filler = threading.Thread(target=fill, daemon=True, name="reference-prefetch")
+    self._filler.start()
     while True:
       item = ready.get()
       if isinstance(item, BaseException):
@@ -149,4 +153,8 @@ class Reference:
     return {k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()}
 
   def close(self) -> None:
+    # Joined, not left to die with the process: a thread still inside torch when the interpreter
+    # shuts down aborts it ("terminate called without an active exception", seen once in CI).
     self._stop.set()
+    if self._filler is not None:
+      self._filler.join()
